@@ -1,0 +1,666 @@
+#!/usr/bin/env python3
+"""Copy pulse-oximeter readings from InfluxDB into PostgreSQL, one UTC hour at a time.
+
+Each run asks InfluxDB for 5-second means of the previous complete UTC hour and writes
+them to a PostgreSQL table that Grafana can read for years. `--hour` and `--from/--to`
+reload chosen hours. Reloading an hour replaces its rows, so nothing is ever duplicated.
+
+Settings come from the environment, then from a `.env` file in the working directory
+or beside this script (the environment wins):
+    CONNECTION          InfluxDB URL, e.g. https://eu-central-1-1.aws.cloud2.influxdata.com
+    TOKEN               InfluxDB API token with read access to the bucket
+    ORG                 InfluxDB organization name or ID
+    PG_CONNECT          SQLAlchemy URL, e.g. postgresql://pi:secret@localhost:5432/health
+    INFLUX_BUCKET       default pulse_oximeter
+    INFLUX_MEASUREMENT  default spo2
+    AGGREGATE_EVERY     default 5s
+    PG_TABLE            default pox_five_second_mean (may be schema.table)
+    QUERY_TIMEOUT       seconds per InfluxDB query, default 60
+
+Exit codes: 0 success (an hour without data included), 1 the run failed,
+2 bad arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `--help` should not pay for it
+    import pandas as pd
+
+log = logging.getLogger("health_metrics_loader")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+HOUR = timedelta(hours=1)
+MAX_CHUNK_HOURS = 24
+
+
+# -- Errors ----------------------------------------------------------------------------
+class LoaderError(Exception):
+    """An expected failure: printed as one line, never as a traceback."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(LoaderError):
+    exit_code = EXIT_USAGE
+
+
+class SourceError(LoaderError):
+    """InfluxDB could not be reached, refused the request, or sent a bad answer."""
+
+
+class DataError(LoaderError):
+    """InfluxDB answered, but the data cannot be stored as it is."""
+
+
+class DatabaseError(LoaderError):
+    """PostgreSQL could not be reached or refused a statement."""
+
+
+# -- Settings --------------------------------------------------------------------------
+REQUIRED = {
+    "CONNECTION": "the InfluxDB URL",
+    "TOKEN": "an InfluxDB API token",
+    "ORG": "the InfluxDB organization",
+    "PG_CONNECT": "the PostgreSQL URL",
+}
+DEFAULTS = {
+    "INFLUX_BUCKET": "pulse_oximeter",
+    "INFLUX_MEASUREMENT": "spo2",
+    "AGGREGATE_EVERY": "5s",
+    "PG_TABLE": "pox_five_second_mean",
+    "QUERY_TIMEOUT": "60",
+}
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+DURATION_PART = re.compile(r"(\d+)(ns|us|µs|ms|s|m|h)")
+DURATION_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
+DURATION_NS["h"] = 3600 * 10**9
+
+
+@dataclass(frozen=True)
+class Settings:
+    influx_url: str
+    token: str
+    org: str
+    pg_url: str
+    bucket: str = DEFAULTS["INFLUX_BUCKET"]
+    measurement: str = DEFAULTS["INFLUX_MEASUREMENT"]
+    every: str = DEFAULTS["AGGREGATE_EVERY"]
+    table: tuple[str, ...] = (DEFAULTS["PG_TABLE"],)
+    query_timeout: float = 60.0
+
+    def secrets(self) -> list[str]:
+        """Values that must never be printed."""
+        from sqlalchemy.engine import make_url
+
+        password = make_url(self.pg_url).password
+        return [s for s in (self.token, password) if s]
+
+    def __repr__(self) -> str:  # a stray repr() in a log must not leak the token
+        return f"Settings(influx_url={self.influx_url!r}, org={self.org!r}, table={self.table!r})"
+
+
+def settings_from_env(environ: Mapping[str, str]) -> Settings:
+    """Read and check every setting; name all problems at once."""
+    get = {k: environ.get(k, "").strip() for k in [*REQUIRED, *DEFAULTS]}
+    problems = [f"{k} is not set ({what})" for k, what in REQUIRED.items() if not get[k]]
+    values = {k: get[k] or default for k, default in DEFAULTS.items()}
+
+    url = get["CONNECTION"]
+    if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", url):
+        problems.append("CONNECTION must be an http:// or https:// URL")
+    pg_url = ""
+    if get["PG_CONNECT"]:
+        try:
+            pg_url = postgres_url(get["PG_CONNECT"])
+        except ValueError as exc:
+            problems.append(f"PG_CONNECT {exc}")
+    for name in ("INFLUX_BUCKET", "INFLUX_MEASUREMENT"):
+        if any(ord(c) < 32 for c in values[name]):
+            problems.append(f"{name} must not contain control characters")
+    if duration_ns(values["AGGREGATE_EVERY"]) is None:
+        problems.append("AGGREGATE_EVERY must be a Flux duration from 1s to 1h, e.g. 5s or 1m")
+    table = tuple(values["PG_TABLE"].split("."))
+    if len(table) > 2 or not all(IDENTIFIER.fullmatch(part) for part in table):
+        problems.append("PG_TABLE must be a table name or schema.table (letters, digits, _)")
+    timeout = number(values["QUERY_TIMEOUT"])
+    if timeout is None or timeout <= 0:
+        problems.append("QUERY_TIMEOUT must be a positive number of seconds")
+    if problems:
+        hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
+        raise ConfigError("; ".join(problems) + hint)
+    return Settings(
+        influx_url=url.rstrip("/"),
+        token=get["TOKEN"],
+        org=get["ORG"],
+        pg_url=pg_url,
+        bucket=values["INFLUX_BUCKET"],
+        measurement=values["INFLUX_MEASUREMENT"],
+        every=values["AGGREGATE_EVERY"],
+        table=table,
+        query_timeout=float(timeout),
+    )
+
+
+def number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def duration_ns(text: str) -> int | None:
+    """Nanoseconds in a Flux duration like `5s` or `1m30s`, or None if it is not one."""
+    parts = DURATION_PART.findall(text)
+    if not parts or "".join(n + unit for n, unit in parts) != text:
+        return None
+    total = sum(int(n) * DURATION_NS[unit] for n, unit in parts)
+    return total if 10**9 <= total <= 3600 * 10**9 else None
+
+
+def postgres_url(text: str) -> str:
+    """The URL with psycopg2 named as its driver.
+
+    SQLAlchemy 2.1 made psycopg (3) the default for `postgresql://`, so the blog's URL
+    would look for a driver that requirements.txt does not install.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        raise ValueError("is not a URL like postgresql://user:password@host:5432/database") from None
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL")
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        url = url.set(drivername="postgresql+psycopg2")
+    else:
+        raise ValueError(f"names the driver {url.drivername!r}; use postgresql://")
+    return url.render_as_string(hide_password=False)
+
+
+def read_env_files(paths: Iterable[Path]) -> dict[str, str]:
+    """Settings from the .env files that exist; earlier paths win."""
+    from dotenv import dotenv_values
+
+    merged: dict[str, str] = {}
+    for path in reversed(list(paths)):
+        if path.is_file():
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    return merged
+
+
+# -- Pure: windows, query, transform ----------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """The hours [start, stop); their 5-second means are stamped in (start, stop]."""
+
+    start: datetime
+    stop: datetime
+
+    def hours(self) -> list[datetime]:
+        count = int((self.stop - self.start) / HOUR)
+        return [self.start + i * HOUR for i in range(count)]
+
+    def __str__(self) -> str:
+        return f"{iso(self.start)}..{iso(self.stop)}"
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hour_floor(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+def previous_hour(now: datetime) -> Window:
+    """The last complete UTC hour before `now` (which must be timezone-aware)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    stop = hour_floor(now)
+    return Window(stop - HOUR, stop)
+
+
+def parse_hour(text: str) -> datetime:
+    """`2021-07-12T14`, `2021-07-12T14:00`, `2021-07-12T14:00:00Z`: always UTC, on the hour."""
+    match = re.fullmatch(r"(\d{4}-\d{2}-\d{2})[T ](\d{2})(?::00(?::00)?)?(?:Z|\+00:?00)?", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not an hour like 2021-07-12T14 or 2021-07-12T14:00:00Z")
+    try:
+        return datetime.strptime(f"{match[1]}T{match[2]}", "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid date and hour") from None
+
+
+def chunked(hours: Sequence[datetime], max_hours: int = MAX_CHUNK_HOURS) -> list[Window]:
+    """Windows covering `hours`: contiguous runs, each at most `max_hours` long."""
+    windows: list[Window] = []
+    for hour in sorted(set(hours)):
+        last = windows[-1] if windows else None
+        if last and last.stop == hour and len(last.hours()) < max_hours:
+            windows[-1] = Window(last.start, hour + HOUR)
+        else:
+            windows.append(Window(hour, hour + HOUR))
+    return windows
+
+
+def flux_string(value: str) -> str:
+    """`value` as a Flux string literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+    return f'"{escaped}"'
+
+
+def flux_query(settings: Settings, window: Window) -> str:
+    """The blog's pipeline: 5-second means of every field, one column per field."""
+    return (
+        f"from(bucket: {flux_string(settings.bucket)})\n"
+        f"  |> range(start: {iso(window.start)}, stop: {iso(window.stop)})\n"
+        f"  |> filter(fn: (r) => r._measurement == {flux_string(settings.measurement)})\n"
+        f"  |> aggregateWindow(every: {settings.every}, fn: mean, createEmpty: false)\n"
+        '  |> drop(columns: ["_start", "_stop", "_measurement", "uid"])\n'
+        '  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")\n'
+    )
+
+
+# InfluxDB answers in annotated CSV, one block per table schema, CRLF line ends:
+#
+#   #datatype,string,long,dateTime:RFC3339,double,double
+#   #group,false,false,false,false,false
+#   #default,_result,,,,
+#   ,result,table,_time,pulse,spo2
+#   ,,0,2021-07-12T14:00:05Z,71.5,97
+#   ,,0,2021-07-12T14:00:10Z,,98.25
+#   <empty line>
+#
+# A failure after the first byte arrives as one more block, `,error,reference`.
+NUMERIC_TYPES = {"double", "long", "unsignedLong"}
+META_COLUMNS = ("result", "table")
+
+
+@dataclass(frozen=True)
+class Block:
+    datatypes: dict[str, str]
+    group: dict[str, bool]
+    header: list[str]
+    data: bytes
+
+
+def split_blocks(body: bytes) -> list[Block]:
+    """The annotated-CSV blocks of an answer; raises on an error block or a cut-off answer."""
+    text = body.replace(b"\r\n", b"\n")
+    if not text.strip():
+        return []
+    blocks = []
+    for chunk in re.split(rb"\n\n+", text.strip(b"\n")):
+        lines = chunk.split(b"\n")
+        annotations = {}
+        while lines and lines[0].startswith(b"#"):
+            row = next(csv.reader([lines.pop(0).decode()]))
+            annotations[row[0]] = row[1:]
+        if not lines:
+            raise SourceError("InfluxDB sent an annotation block without a header")
+        header = next(csv.reader([lines[0].decode()]))[1:]
+        if header[:2] == ["error", "reference"]:
+            rows = list(csv.reader(line.decode() for line in lines[1:]))
+            message = rows[0][1] if rows and len(rows[0]) > 1 else "unknown error"
+            raise SourceError(f"InfluxDB query failed: {message}")
+        datatypes = annotations.get("#datatype", [])
+        groups = annotations.get("#group", [])
+        blocks.append(
+            Block(
+                datatypes=dict(zip(header, datatypes[1:] if len(datatypes) > len(header) else datatypes)),
+                group=dict(zip(header, (g == "true" for g in groups))),
+                header=header,
+                data=b"\n".join(lines[1:]),
+            )
+        )
+    if not text.endswith(b"\n\n"):
+        raise SourceError("InfluxDB's answer ended early (cut off mid-table); nothing was written")
+    return blocks
+
+
+def frame_from_block(block: Block) -> pd.DataFrame:
+    """One block as a DataFrame: `_time` as UTC datetimes, numeric fields as floats."""
+    import pandas as pd
+
+    if "_time" not in block.header:
+        raise SourceError("InfluxDB's answer has no _time column; check the query")
+    fields = [c for c in block.header if c not in META_COLUMNS and c != "_time" and not block.group.get(c)]
+    wrong = [f for f in fields if block.datatypes.get(f) not in NUMERIC_TYPES]
+    if wrong:
+        raise DataError(f"field {wrong[0]!r} is {block.datatypes.get(wrong[0])}, not a number; only numeric fields can be averaged")
+    names = ["", *block.header]
+    frame = pd.read_csv(
+        io.BytesIO(block.data),
+        header=None,
+        names=names,
+        usecols=["_time", *fields],
+        dtype={"_time": str, **{f: "float64" for f in fields}},
+        keep_default_na=False,
+        na_values={f: [""] for f in fields},
+    )
+    try:
+        frame["_time"] = pd.to_datetime(frame["_time"], format="ISO8601", utc=True)
+    except (ValueError, TypeError):
+        raise SourceError("InfluxDB sent a _time value that is not an RFC3339 time") from None
+    return frame
+
+
+def read_answer(body: bytes) -> pd.DataFrame:
+    """All blocks of an answer, combined into one frame of `_time` and field columns."""
+    import pandas as pd
+
+    frames = [frame_from_block(block) for block in split_blocks(body)]
+    if not frames:
+        return pd.DataFrame({"_time": pd.Series([], dtype="datetime64[ns, UTC]")})
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def clean(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows ready to store: `time` in UTC, sorted and unique, fields as floats."""
+    frame = frame.rename(columns={"_time": "time"})
+    frame = frame.sort_values("time", kind="stable", ignore_index=True)
+    reject_repeated_times(frame)
+    return blank_non_finite(frame)
+
+
+def reject_repeated_times(frame: pd.DataFrame) -> None:
+    repeated = frame["time"][frame["time"].duplicated()]
+    if len(repeated):
+        raise DataError(
+            f"time {iso(repeated.iloc[0].to_pydatetime())} appears more than once in InfluxDB's answer: "
+            "the measurement has a tag besides uid (keep one device per measurement)"
+        )
+
+
+def blank_non_finite(frame: pd.DataFrame) -> pd.DataFrame:
+    """NaN and ±Inf become empty cells, which PostgreSQL stores as NULL."""
+    return frame.replace([math.inf, -math.inf], math.nan)
+
+
+def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
+    """How many rows belong to each hour; hour H holds the times in (H, H+1h]."""
+    counts = dict.fromkeys(window.hours(), 0)
+    for moment in frame["time"]:
+        hour = hour_floor(moment.to_pydatetime() - timedelta(microseconds=1))
+        counts[hour] = counts.get(hour, 0) + 1
+    return counts
+
+
+# -- I/O edges: InfluxDB --------------------------------------------------------------
+def connect_influx(settings: Settings):
+    from influxdb_client import InfluxDBClient
+
+    return InfluxDBClient(
+        url=settings.influx_url,
+        token=settings.token,
+        org=settings.org,
+        timeout=int(settings.query_timeout * 1000),
+    )
+
+
+def extract_answer(query_api, settings: Settings, query: str) -> bytes:
+    """The raw annotated CSV for `query`; InfluxDB's errors become SourceError."""
+    from influxdb_client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        response = query_api.query_raw(query, org=settings.org)
+        return response.data
+    except ApiException as exc:
+        raise SourceError(describe_api_error(exc)) from None
+    except HTTPError as exc:
+        raise SourceError(f"InfluxDB at {settings.influx_url} is unreachable ({reason(exc)}): check CONNECTION and the network") from None
+
+
+def describe_api_error(exc) -> str:
+    message = exc.message
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    message = (message or exc.reason or "").strip().splitlines()[0] if (message or exc.reason) else ""
+    hint = {
+        401: "check TOKEN",
+        403: "check that TOKEN may read the bucket",
+        404: "check ORG and INFLUX_BUCKET",
+        400: "check INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY",
+    }.get(exc.status, "InfluxDB had a problem; try again later")
+    return f"InfluxDB refused the query ({exc.status}: {message}): {hint}"
+
+
+def reason(exc: BaseException) -> str:
+    """A short cause for a urllib3 error, without its nested repr noise."""
+    while getattr(exc, "reason", None) is not None and isinstance(exc.reason, BaseException):
+        exc = exc.reason
+    text = str(exc)
+    return text.split(": ", 1)[-1] if "object at 0x" in text else text
+
+
+def extract_frame(query_api, settings: Settings, window: Window) -> pd.DataFrame:
+    """The window's 5-second means, cleaned and ready to store."""
+    return clean(read_answer(extract_answer(query_api, settings, flux_query(settings, window))))
+
+
+# -- I/O edges: PostgreSQL ---------------------------------------------------------------
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(table: tuple[str, ...]) -> str:
+    return ".".join(quote_ident(part) for part in table)
+
+
+def connect_postgres(settings: Settings):
+    """A psycopg2 connection with its session pinned to UTC."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    # SQLAlchemy reads the URL (query options such as sslmode included); psycopg2 connects.
+    url = make_url(settings.pg_url)
+    cargs, cparams = url.get_dialect()().create_connect_args(url)
+    try:
+        connection = psycopg2.connect(*cargs, **cparams)
+    except psycopg2.Error as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL ({pg_reason(exc)}): check PG_CONNECT") from None
+    with connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+    connection.commit()
+    return connection
+
+
+def pg_reason(exc: BaseException) -> str:
+    """The first line of PostgreSQL's own message."""
+    orig = getattr(exc, "orig", None) or exc
+    text = (getattr(orig, "pgerror", None) or str(orig)).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return re.sub(r"^(FATAL|ERROR):\s+", "", line)
+    return type(orig).__name__
+
+
+def table_columns(cursor, table: tuple[str, ...]) -> dict[str, str]:
+    """The table's columns and their types, empty if it does not exist."""
+    cursor.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod)"
+        " FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0"
+        " AND NOT a.attisdropped ORDER BY a.attnum",
+        (qualified(table),),
+    )
+    return dict(cursor.fetchall())
+
+
+def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> None:
+    """Create the table, or add a column for each new field."""
+    columns = table_columns(cursor, table)
+    if not columns:
+        definitions = ", ".join(["time timestamptz PRIMARY KEY", *(f"{quote_ident(f)} double precision" for f in fields)])
+        cursor.execute(f"CREATE TABLE {qualified(table)} ({definitions})")
+        return
+    if "time" not in columns:
+        raise DataError(f"table {'.'.join(table)} has no time column; set PG_TABLE to another table")
+    for field in fields:
+        if field not in columns:
+            log.info("new field %s: adding a column to %s", field, ".".join(table))
+            cursor.execute(f"ALTER TABLE {qualified(table)} ADD COLUMN {quote_ident(field)} double precision")
+
+
+def copy_rows(cursor, table: tuple[str, ...], frame: pd.DataFrame) -> None:
+    """Stream the rows with COPY; an empty cell is NULL."""
+    buffer = io.StringIO()
+    frame.to_csv(buffer, header=False, index=False, date_format="%Y-%m-%d %H:%M:%S.%f+00")
+    buffer.seek(0)
+    columns = ", ".join(quote_ident(c) for c in frame.columns)
+    cursor.copy_expert(f"COPY {qualified(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
+
+
+def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window) -> int:
+    """Replace the window's rows with `frame` in one transaction; returns rows written."""
+    try:
+        with connection.cursor() as cursor:
+            ensure_table(cursor, table, list(frame.columns.drop("time")))
+            cursor.execute(
+                f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s",
+                (window.start, window.stop),
+            )
+            if len(frame):
+                copy_rows(cursor, table, frame)
+        connection.commit()
+    except LoaderError:
+        connection.rollback()
+        raise
+    except Exception as exc:
+        import psycopg2
+
+        if not isinstance(exc, psycopg2.Error):
+            raise
+        if not connection.closed:
+            connection.rollback()
+        raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
+    return len(frame)
+
+
+# -- Command line ------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="health_metrics_loader.py",
+        description="Copy 5-second means of pulse-oximeter readings from InfluxDB into PostgreSQL. "
+        "With no arguments, load the previous complete UTC hour.",
+        epilog="Exit codes: 0 success, 1 the run failed, 2 bad arguments or settings.",
+    )
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--hour", metavar="HOUR", help="load one UTC hour, e.g. 2021-07-12T14, replacing its rows")
+    what.add_argument("--from", dest="start", metavar="HOUR", help="load every hour from this one (needs --to)")
+    parser.add_argument("--to", dest="stop", metavar="HOUR", help="... up to, not including, this one")
+    parser.add_argument("--dry-run", action="store_true", help="query and report rows per hour; write nothing")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="log more")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    args = parser.parse_args(argv)
+    if (args.start is None) != (args.stop is None):
+        parser.error("--from and --to go together")
+    return args
+
+
+def requested_windows(args: argparse.Namespace, now: datetime) -> list[Window]:
+    """The windows the command line asks for, checked against the clock."""
+    if args.hour:
+        hours = [parse_hour(args.hour)]
+    elif args.start:
+        start, stop = parse_hour(args.start), parse_hour(args.stop)
+        if stop <= start:
+            raise ValueError("--to must be after --from")
+        hours = Window(start, stop).hours()
+    else:
+        return [previous_hour(now)]
+    latest = previous_hour(now).start
+    if hours[-1] > latest:
+        raise ValueError(f"hour {iso(hours[-1])} is not complete yet; the latest complete hour is {iso(latest)}")
+    return chunked(hours)
+
+
+def configure_logging(args: argparse.Namespace, secrets: Sequence[str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler.addFilter(Redactor(secrets))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+
+
+class Redactor(logging.Filter):
+    """Masks secrets in every log line, whatever put them there."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.redact(record.getMessage()), None
+        return True
+
+
+def run(settings: Settings, windows: Sequence[Window], dry_run: bool) -> None:
+    """Query each window and, unless `dry_run`, replace its rows in PostgreSQL."""
+    client = connect_influx(settings)
+    connection = None if dry_run else connect_postgres(settings)
+    try:
+        query_api = client.query_api()
+        for window in windows:
+            started = time.monotonic()
+            frame = extract_frame(query_api, settings, window)
+            if dry_run:
+                for hour, rows in rows_per_hour(frame, window).items():
+                    print(f"{iso(hour)}  {rows} rows")
+                continue
+            rows = load_frame(connection, settings.table, frame, window)
+            log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
+    finally:
+        client.close()
+        if connection is not None:
+            connection.close()
+
+
+def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
+    """Run the loader; `now` is for tests and schedulers that pass their own clock."""
+    args = parse_args(argv)
+    here = Path(__file__).resolve().parent
+    secrets: list[str] = []
+    try:
+        environ = {**read_env_files([Path.cwd() / ".env", here / ".env"]), **os.environ}
+        settings = settings_from_env(environ)
+        secrets = settings.secrets()
+        configure_logging(args, secrets)
+        try:
+            windows = requested_windows(args, now or datetime.now(timezone.utc))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        run(settings, windows, args.dry_run)
+    except LoaderError as exc:
+        print(f"health_metrics_loader: error: {Redactor(secrets).redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

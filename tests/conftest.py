@@ -1,0 +1,102 @@
+"""Fixtures: a real PostgreSQL (TEST_DATABASE_URL, or a throwaway server) and the InfluxDB emulator."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from tests.influxdb_emulator import Emulator
+from tests.pg_server import ThrowawayPostgres
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "influx-test-token-9d2c"
+ORG = "test-org"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    """A PostgreSQL URL whose user may create databases."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    server = ThrowawayPostgres().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def with_database(url: str, name: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def fresh_db(pg_admin_url):
+    """The URL of a new, empty database, dropped afterwards."""
+    name = "hml_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(pg_admin_url)
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(pg_admin_url, name)
+    finally:
+        admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def pg(fresh_db):
+    """A psycopg2 connection to the fresh database, in autocommit mode, for checks."""
+    connection = psycopg2.connect(fresh_db)
+    connection.autocommit = True
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def influx_server():
+    emulator = Emulator(token=TOKEN, org=ORG)
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def influx(influx_server):
+    """The emulator, emptied of points, faults and logged queries."""
+    influx_server.reset()
+    yield influx_server
+    influx_server.reset()
+
+
+@pytest.fixture
+def loader_env(monkeypatch, tmp_path, influx, fresh_db):
+    """Every setting the loader reads, pointing at the emulator and the fresh database."""
+    settings = {
+        "CONNECTION": influx.url,
+        "TOKEN": TOKEN,
+        "ORG": ORG,
+        "PG_CONNECT": fresh_db,
+        "INFLUX_BUCKET": "pulse_oximeter",
+        "INFLUX_MEASUREMENT": "spo2",
+        "AGGREGATE_EVERY": "5s",
+        "PG_TABLE": "pox_five_second_mean",
+        "QUERY_TIMEOUT": "10",
+    }
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    return settings
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=timezone.utc)
+
+
+def seconds(moment: datetime) -> int:
+    return int(moment.timestamp())

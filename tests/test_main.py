@@ -1,0 +1,177 @@
+"""main([...]) end to end: the emulator, the real PostgreSQL, exit codes and messages."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import psycopg2
+import pytest
+
+import health_metrics_loader as hml
+from tests.conftest import ROOT, TOKEN, utc
+from tests.pg_server import PASSWORD
+from tests.synthetic import expected_rows, line_protocol
+
+H14 = utc(2021, 7, 12, 14)
+NOW = utc(2021, 7, 12, 15, 5)  # a cron call at 15:05 loads hour 14
+
+
+def stored(url: str, table: str = "pox_five_second_mean", columns: str = "time, pulse, spo2") -> list[tuple]:
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.execute(f"SELECT {columns} FROM {table} ORDER BY time")
+        return cursor.fetchall()
+
+
+def assert_rows(got: list[tuple], want: list[tuple]) -> None:
+    assert [r[0] for r in got] == [r[0] for r in want]
+    for g, w in zip(got, want):
+        assert all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(g[1:], w[1:])), (g, w)
+
+
+def run(argv, capsys, now=NOW):
+    code = hml.main(argv, now=now)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_no_secrets(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text
+        assert PASSWORD not in text
+
+
+def test_cron_call_loads_the_previous_hour(loader_env, influx, capsys):
+    influx.write_lines("pulse_oximeter", line_protocol(H14 - timedelta(minutes=1), 1 + 2 / 60), precision="s")
+    code, out, err = run([], capsys)
+    assert code == 0, err
+    assert_rows(stored(loader_env["PG_CONNECT"]), expected_rows(H14, 1))
+    assert "loaded 2021-07-12T14:00:00Z..2021-07-12T15:00:00Z: 720 rows" in err
+    assert len(influx.queries) == 1
+    assert_no_secrets(out, err)
+
+
+def test_hour_replaces_and_is_idempotent(loader_env, influx, capsys):
+    influx.write_lines("pulse_oximeter", line_protocol(H14, 2), precision="s")
+    for _ in range(2):
+        code, _, err = run(["--hour", "2021-07-12T15:00:00Z"], capsys, now=utc(2021, 7, 12, 16, 10))
+        assert code == 0, err
+    assert_rows(stored(loader_env["PG_CONNECT"]), expected_rows(H14 + timedelta(hours=1), 1))
+
+
+def test_from_to_fetches_a_day_per_query(loader_env, influx, capsys):
+    influx.write_lines("pulse_oximeter", line_protocol(H14, 30), precision="s")
+    code, _, err = run(["--from", "2021-07-12T14", "--to", "2021-07-13T20"], capsys, now=utc(2021, 7, 14))
+    assert code == 0, err
+    assert_rows(stored(loader_env["PG_CONNECT"]), expected_rows(H14, 30))
+    assert len(influx.queries) == 2
+    assert err.count(" loaded ") == 2
+
+
+def test_dry_run_reports_and_writes_nothing(loader_env, influx, capsys):
+    influx.write_lines("pulse_oximeter", line_protocol(H14 + timedelta(minutes=30), 0.5), precision="s")
+    code, out, err = run(["--dry-run", "--from", "2021-07-12T14", "--to", "2021-07-12T16"], capsys, now=utc(2021, 7, 12, 16, 5))
+    assert code == 0, err
+    assert out.splitlines() == ["2021-07-12T14:00:00Z  360 rows", "2021-07-12T15:00:00Z  0 rows"]
+    with psycopg2.connect(loader_env["PG_CONNECT"]) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('pox_five_second_mean')")
+        assert cursor.fetchone() == (None,)
+
+
+def test_empty_hour_is_a_success(loader_env, influx, capsys):
+    code, _, err = run([], capsys)
+    assert code == 0, err
+    assert "0 rows" in err
+    assert stored(loader_env["PG_CONNECT"], columns="*") == []
+
+
+def test_blog_table_is_appended_to(loader_env, influx, capsys):
+    from tests.test_load import make_blog_table
+
+    make_blog_table(loader_env["PG_CONNECT"])
+    influx.write_lines("pulse_oximeter", line_protocol(H14, 1), precision="s")
+    code, _, err = run([], capsys)
+    assert code == 0, err
+    with psycopg2.connect(loader_env["PG_CONNECT"]) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*), min(time)::text, max(time)::text FROM pox_five_second_mean")
+        assert cursor.fetchone() == (2 + 720, "2021-07-12 13:00:05", "2021-07-12 15:00:00")
+
+
+# -- Exit codes and messages ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hour", "2021-07-12T14:30"], "is not an hour like"),
+        (["--hour", "2021-07-12T15"], "is not complete yet"),
+        (["--from", "2021-07-12T10", "--to", "2021-07-12T09"], "--to must be after --from"),
+    ],
+)
+def test_bad_arguments_exit_2(loader_env, capsys, argv, message):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        hml.main(["--from", "2021-07-12T10"])
+    assert caught.value.code == 2
+    assert "--from and --to go together" in capsys.readouterr().err
+
+
+def test_missing_settings_exit_2_and_are_all_named(monkeypatch, tmp_path, capsys):
+    for key in ("CONNECTION", "TOKEN", "ORG", "PG_CONNECT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ORG", "home")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run([], capsys)
+    assert code == 2
+    assert "CONNECTION is not set" in err and "TOKEN is not set" in err and "PG_CONNECT is not set" in err
+    assert ".env.example" in err
+
+
+def test_env_file_in_the_working_directory(monkeypatch, tmp_path, loader_env, influx, capsys):
+    (tmp_path / ".env").write_text("TOKEN=wrong\nPG_TABLE=from_dotenv\n")
+    monkeypatch.delenv("PG_TABLE")
+    code, _, err = run([], capsys)
+    assert code == 0, err  # TOKEN from the environment wins over .env
+    assert stored(loader_env["PG_CONNECT"], "from_dotenv", columns="*") == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("TOKEN", "not-the-token", "InfluxDB refused the query (401: unauthorized access): check TOKEN"),
+        ("INFLUX_BUCKET", "nope", 'could not find bucket \\"nope\\"'.replace("\\", "")),
+        ("ORG", "other-org", "organization name"),
+        ("CONNECTION", "http://127.0.0.1:9", "is unreachable"),
+        ("PG_CONNECT", None, "cannot connect to PostgreSQL"),
+    ],
+)
+def test_failures_exit_1_with_one_line(loader_env, influx, monkeypatch, capsys, setting, value, message):
+    if setting == "PG_CONNECT":
+        value = loader_env["PG_CONNECT"].replace(PASSWORD, PASSWORD + "x")
+    monkeypatch.setenv(setting, value)
+    code, out, err = run([], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert lines[0].startswith("health_metrics_loader: error: ")
+    assert_no_secrets(out, err)
+    assert (PASSWORD + "x") not in err
+
+
+def test_help_runs_as_a_script():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "health_metrics_loader.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert result.returncode == 0
+    assert "--from" in result.stdout and "Exit codes" in result.stdout
