@@ -16,9 +16,17 @@ or beside this script (the environment wins):
     AGGREGATE_EVERY     default 5s
     PG_TABLE            default pox_five_second_mean (may be schema.table)
     QUERY_TIMEOUT       seconds per InfluxDB query, default 60
+    CATCH_UP_HOURS      how far back the cron call fills missing hours, default 72 (max 720)
+    SETTLE_MINUTES      minutes after an hour ends before it counts as complete, default 2
+    LOCK_TIMEOUT        seconds --hour and --from/--to wait for another run, default 300
+
+Every loaded hour is recorded in the table `loaded_hours` (same schema as PG_TABLE),
+in the same transaction as its rows. The cron call loads every complete hour of the
+last CATCH_UP_HOURS that is not recorded there, oldest first.
 
 Exit codes: 0 success (an hour without data included), 1 the run failed,
-2 bad arguments or settings.
+2 bad arguments or settings. `--status` exits 1 when the newest loaded hour is
+more than two hours old.
 """
 
 from __future__ import annotations
@@ -84,7 +92,11 @@ DEFAULTS = {
     "AGGREGATE_EVERY": "5s",
     "PG_TABLE": "pox_five_second_mean",
     "QUERY_TIMEOUT": "60",
+    "CATCH_UP_HOURS": "72",
+    "SETTLE_MINUTES": "2",
+    "LOCK_TIMEOUT": "300",
 }
+MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 DURATION_PART = re.compile(r"(\d+)(ns|us|µs|ms|s|m|h)")
 DURATION_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
@@ -102,6 +114,9 @@ class Settings:
     every: str = DEFAULTS["AGGREGATE_EVERY"]
     table: tuple[str, ...] = (DEFAULTS["PG_TABLE"],)
     query_timeout: float = 60.0
+    catch_up_hours: int = 72
+    settle: timedelta = timedelta(minutes=2)
+    lock_timeout: float = 300.0
 
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
@@ -140,6 +155,15 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     timeout = number(values["QUERY_TIMEOUT"])
     if timeout is None or timeout <= 0:
         problems.append("QUERY_TIMEOUT must be a positive number of seconds")
+    catch_up = number(values["CATCH_UP_HOURS"])
+    if catch_up is None or catch_up != int(catch_up) or not 1 <= catch_up <= MAX_CATCH_UP_HOURS:
+        problems.append(f"CATCH_UP_HOURS must be a whole number from 1 to {MAX_CATCH_UP_HOURS}")
+    settle = number(values["SETTLE_MINUTES"])
+    if settle is None or not 0 <= settle <= 59:
+        problems.append("SETTLE_MINUTES must be a number of minutes from 0 to 59")
+    lock_timeout = number(values["LOCK_TIMEOUT"])
+    if lock_timeout is None or lock_timeout < 0:
+        problems.append("LOCK_TIMEOUT must be a number of seconds, 0 or more")
     if problems:
         hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
         raise ConfigError("; ".join(problems) + hint)
@@ -153,6 +177,9 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         every=values["AGGREGATE_EVERY"],
         table=table,
         query_timeout=float(timeout),
+        catch_up_hours=int(catch_up),
+        settle=timedelta(minutes=settle),
+        lock_timeout=float(lock_timeout),
     )
 
 
@@ -235,6 +262,22 @@ def previous_hour(now: datetime) -> Window:
         raise ValueError("now must be timezone-aware")
     stop = hour_floor(now)
     return Window(stop - HOUR, stop)
+
+
+def latest_complete_hour(now: datetime, settle: timedelta) -> datetime:
+    """The newest hour whose end is at least `settle` old, so its last points have arrived."""
+    return hour_floor(now - settle) - HOUR
+
+
+def complete_hours(now: datetime, settle: timedelta, count: int) -> list[datetime]:
+    """The `count` newest complete hours, oldest first."""
+    latest = latest_complete_hour(now, settle)
+    return [latest - i * HOUR for i in reversed(range(count))]
+
+
+def missing_hours(candidates: Iterable[datetime], loaded: Iterable[datetime]) -> list[datetime]:
+    done = set(loaded)
+    return [hour for hour in candidates if hour not in done]
 
 
 def parse_hour(text: str) -> datetime:
@@ -396,11 +439,11 @@ def blank_non_finite(frame: pd.DataFrame) -> pd.DataFrame:
 
 def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
     """How many rows belong to each hour; hour H holds the times in (H, H+1h]."""
-    counts = dict.fromkeys(window.hours(), 0)
-    for moment in frame["time"]:
-        hour = hour_floor(moment.to_pydatetime() - timedelta(microseconds=1))
-        counts[hour] = counts.get(hour, 0) + 1
-    return counts
+    import pandas as pd
+
+    hours = (frame["time"] - pd.Timedelta(1, "us")).dt.floor("h").value_counts()
+    counts = {stamp.to_pydatetime(): int(n) for stamp, n in hours.items()}
+    return {hour: counts.get(hour, 0) for hour in window.hours()}
 
 
 # -- I/O edges: InfluxDB --------------------------------------------------------------
@@ -529,17 +572,109 @@ def copy_rows(cursor, table: tuple[str, ...], frame: pd.DataFrame) -> None:
     cursor.copy_expert(f"COPY {qualified(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
 
 
-def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window) -> int:
-    """Replace the window's rows with `frame` in one transaction; returns rows written."""
+LEDGER = "loaded_hours"
+
+
+def ledger_of(table: tuple[str, ...]) -> tuple[str, ...]:
+    """The ledger lives in the target table's schema."""
+    return (*table[:-1], LEDGER)
+
+
+def ensure_ledger(cursor, table: tuple[str, ...]) -> None:
+    cursor.execute(
+        f"CREATE TABLE IF NOT EXISTS {qualified(ledger_of(table))} ("
+        " target_table text NOT NULL, hour timestamptz NOT NULL, rows integer NOT NULL,"
+        " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target_table, hour))"
+    )
+
+
+def extract_ledger(connection, table: tuple[str, ...], since: datetime) -> dict[datetime, tuple[int, datetime]]:
+    """Hours from `since` on that the ledger records: hour -> (rows, loaded_at)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", (qualified(ledger_of(table)),))
+        if cursor.fetchone()[0] is None:
+            connection.rollback()
+            return {}
+        cursor.execute(
+            f"SELECT hour, rows, loaded_at FROM {qualified(ledger_of(table))} WHERE target_table = %s AND hour >= %s",
+            (".".join(table), since),
+        )
+        found = {hour: (rows, loaded_at) for hour, rows, loaded_at in cursor.fetchall()}
+    connection.rollback()
+    return found
+
+
+def record_hours(cursor, table: tuple[str, ...], counts: Mapping[datetime, int], loaded_at: datetime | None) -> None:
+    cursor.executemany(
+        f"INSERT INTO {qualified(ledger_of(table))} (target_table, hour, rows, loaded_at) VALUES (%s, %s, %s, coalesce(%s, now()))"
+        " ON CONFLICT (target_table, hour) DO UPDATE SET rows = EXCLUDED.rows, loaded_at = EXCLUDED.loaded_at",
+        [(".".join(table), hour, rows, loaded_at) for hour, rows in counts.items()],
+    )
+
+
+class LockBusy(LoaderError):
+    exit_code = EXIT_OK
+
+
+def acquire_lock(connection, table: tuple[str, ...], wait: float | None) -> None:
+    """Hold the table's advisory lock for the session; `wait=None` does not wait at all."""
+    import psycopg2.errors
+
+    key = f"health_metrics_loader:{'.'.join(table)}"
+    name = ".".join(table)
+    with connection.cursor() as cursor:
+        if wait is None:
+            cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+            if not cursor.fetchone()[0]:
+                connection.rollback()
+                raise LockBusy(f"another run is loading {name}; it will catch up, so this one stops here")
+        else:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait * 1000)}ms",))
+            try:
+                cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+            except psycopg2.errors.LockNotAvailable:
+                connection.rollback()
+                raise DatabaseError(f"another run kept {name} locked for over {wait:g}s (LOCK_TIMEOUT); try again later") from None
+    connection.commit()
+
+
+def stored_rows_per_hour(cursor, table: tuple[str, ...], window: Window) -> dict[datetime, int]:
+    cursor.execute(
+        "SELECT date_trunc('hour', time::timestamptz - interval '1 microsecond'), count(*)"
+        f" FROM {qualified(table)} WHERE time > %s AND time <= %s GROUP BY 1",
+        (window.start, window.stop),
+    )
+    return dict(cursor.fetchall())
+
+
+def load_frame(
+    connection,
+    table: tuple[str, ...],
+    frame: pd.DataFrame,
+    window: Window,
+    keep_unanswered: bool = False,
+    loaded_at: datetime | None = None,
+) -> int:
+    """Replace the window's rows with `frame` and record its hours, in one transaction.
+
+    With `keep_unanswered`, an hour that InfluxDB answered with no data but that the table
+    already holds rows for keeps them: InfluxDB may have forgotten it (retention), or a
+    setting may point at the wrong measurement; either way, deleting would lose data.
+    """
+    counts = rows_per_hour(frame, window)
     try:
         with connection.cursor() as cursor:
             ensure_table(cursor, table, list(frame.columns.drop("time")))
-            cursor.execute(
-                f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s",
-                (window.start, window.stop),
-            )
+            kept = {}
+            if keep_unanswered:
+                stored = stored_rows_per_hour(cursor, table, window)
+                kept = {hour: stored[hour] for hour, rows in counts.items() if rows == 0 and stored.get(hour)}
+            for part in chunked([hour for hour in window.hours() if hour not in kept]):
+                cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
             if len(frame):
                 copy_rows(cursor, table, frame)
+            ensure_ledger(cursor, table)
+            record_hours(cursor, table, {**counts, **kept}, loaded_at)
         connection.commit()
     except LoaderError:
         connection.rollback()
@@ -552,7 +687,58 @@ def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: 
         if not connection.closed:
             connection.rollback()
         raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
+    for hour, rows in kept.items():
+        log.warning(
+            "InfluxDB has no data for %s, which holds %d rows; kept them (--hour %s replaces them)", iso(hour), rows, iso(hour)[:13]
+        )
     return len(frame)
+
+
+# -- Status ------------------------------------------------------------------------------
+MARK_LOADED, MARK_EMPTY, MARK_MISSING, MARK_PENDING = "#", "o", ".", " "
+
+
+def hour_ranges(hours: Sequence[datetime]) -> list[str]:
+    """Contiguous hours as `start..stop` ranges, e.g. 2021-07-12T10:00Z..2021-07-12T14:00Z."""
+    return [f"{iso(w.start)}..{iso(w.stop)}" if len(w.hours()) > 1 else iso(w.start) for w in chunked(hours, max_hours=10**6)]
+
+
+def status_report(ledger: Mapping[datetime, tuple[int, datetime]], now: datetime, settings: Settings, days: int) -> tuple[str, int]:
+    """The text of `--status` and its exit code: 1 when the newest loaded hour is over 2 hours old."""
+    latest = latest_complete_hour(now, settings.settle)
+    lines = []
+    if ledger:
+        newest = max(ledger)
+        rows, loaded_at = ledger[newest]
+        lines.append(f"newest loaded hour: {iso(newest)} ({rows} rows), loaded {ago(now - loaded_at)} ago")
+    else:
+        lines.append("newest loaded hour: none yet")
+    lines.append(f"last {days} days (UTC), one mark per hour: {MARK_LOADED} loaded, {MARK_EMPTY} loaded but empty, {MARK_MISSING} missing")
+    today = hour_floor(now).replace(hour=0)
+    for day in (today - timedelta(days=d) for d in reversed(range(days))):
+        hours = [day + h * HOUR for h in range(24)]
+        marks = "".join(
+            MARK_PENDING if hour > latest else MARK_MISSING if hour not in ledger else MARK_LOADED if ledger[hour][0] else MARK_EMPTY
+            for hour in hours
+        )
+        loaded = [h for h in hours if h in ledger]
+        missing = [
+            f"{w.start.hour:02d}-{w.stop.hour - 1 if w.stop.hour else 23:02d}" if len(w.hours()) > 1 else f"{w.start.hour:02d}"
+            for w in chunked([h for h in hours if h not in ledger and h <= latest], 24)
+        ]
+        line = f"  {day:%Y-%m-%d}  {marks}  {len(loaded):2d}/24 {sum(ledger[h][0] for h in loaded):7d} rows"
+        lines.append(line + (f"  missing {','.join(missing)}" if missing else ""))
+    gaps = missing_hours(complete_hours(now, settings.settle, settings.catch_up_hours), ledger)
+    span = f"the last {settings.catch_up_hours} hours"
+    lines.append(f"missing in {span}: " + (", ".join(hour_ranges(gaps)) + f" ({len(gaps)} hours)" if gaps else "none"))
+    stale = not ledger or now - (max(ledger) + HOUR) > timedelta(hours=2)
+    return "\n".join(lines), EXIT_FAILED if stale and latest not in ledger else EXIT_OK
+
+
+def ago(delta: timedelta) -> str:
+    minutes = max(0, int(delta.total_seconds() // 60))
+    count, unit = (minutes, "minute") if minutes < 120 else (minutes // 60, "hour") if minutes < 48 * 60 else (minutes // 1440, "day")
+    return f"{count} {unit}{'' if count == 1 else 's'}"
 
 
 # -- Command line ------------------------------------------------------------------------
@@ -560,13 +746,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="health_metrics_loader.py",
         description="Copy 5-second means of pulse-oximeter readings from InfluxDB into PostgreSQL. "
-        "With no arguments, load the previous complete UTC hour.",
+        "With no arguments (the cron call), load every complete UTC hour of the last CATCH_UP_HOURS "
+        "that is not loaded yet, which is usually just the previous hour.",
         epilog="Exit codes: 0 success, 1 the run failed, 2 bad arguments or settings.",
     )
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--hour", metavar="HOUR", help="load one UTC hour, e.g. 2021-07-12T14, replacing its rows")
     what.add_argument("--from", dest="start", metavar="HOUR", help="load every hour from this one (needs --to)")
+    what.add_argument("--status", action="store_true", help="show which hours are loaded; exit 1 if the newest is over 2 hours old")
     parser.add_argument("--to", dest="stop", metavar="HOUR", help="... up to, not including, this one")
+    parser.add_argument("--days", type=int, default=7, metavar="N", help="days that --status shows (default 7)")
     parser.add_argument("--dry-run", action="store_true", help="query and report rows per hour; write nothing")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -574,11 +763,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.start is None) != (args.stop is None):
         parser.error("--from and --to go together")
+    if not 1 <= args.days <= 366:
+        parser.error("--days must be from 1 to 366")
     return args
 
 
-def requested_windows(args: argparse.Namespace, now: datetime) -> list[Window]:
-    """The windows the command line asks for, checked against the clock."""
+def requested_windows(args: argparse.Namespace, now: datetime, settle: timedelta) -> list[Window] | None:
+    """The windows that --hour or --from/--to ask for; None for the cron call, which asks the ledger."""
     if args.hour:
         hours = [parse_hour(args.hour)]
     elif args.start:
@@ -587,10 +778,13 @@ def requested_windows(args: argparse.Namespace, now: datetime) -> list[Window]:
             raise ValueError("--to must be after --from")
         hours = Window(start, stop).hours()
     else:
-        return [previous_hour(now)]
-    latest = previous_hour(now).start
+        return None
+    latest = latest_complete_hour(now, settle)
     if hours[-1] > latest:
-        raise ValueError(f"hour {iso(hours[-1])} is not complete yet; the latest complete hour is {iso(latest)}")
+        raise ValueError(
+            f"hour {iso(hours[-1])} is not complete yet: an hour counts as complete SETTLE_MINUTES "
+            f"({settle.total_seconds() / 60:g}) after it ends; the latest complete hour is {iso(latest)}"
+        )
     return chunked(hours)
 
 
@@ -620,30 +814,80 @@ class Redactor(logging.Filter):
         return True
 
 
-def run(settings: Settings, windows: Sequence[Window], dry_run: bool) -> None:
-    """Query each window and, unless `dry_run`, replace its rows in PostgreSQL."""
+def catch_up_windows(connection, settings: Settings, now: datetime) -> list[Window]:
+    """The complete hours of the catch-up span that the ledger lacks, as chunks."""
+    candidates = complete_hours(now, settings.settle, settings.catch_up_hours)
+    return chunked(missing_hours(candidates, extract_ledger(connection, settings.table, candidates[0])))
+
+
+def load_windows(
+    settings: Settings, connection, query_api, windows: Sequence[Window], catching_up: bool = False, now: datetime | None = None
+) -> int:
+    """Extract and load each window, oldest first; a failure stops the run."""
+    total = 0
+    for window in windows:
+        started = time.monotonic()
+        frame = extract_frame(query_api, settings, window)
+        rows = load_frame(connection, settings.table, frame, window, keep_unanswered=catching_up, loaded_at=now)
+        log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
+        total += rows
+    return total
+
+
+def report_windows(settings: Settings, query_api, windows: Sequence[Window]) -> None:
+    for window in windows:
+        for hour, rows in rows_per_hour(extract_frame(query_api, settings, window), window).items():
+            print(f"{iso(hour)}  {rows} rows")
+
+
+def run(settings: Settings, windows: Sequence[Window] | None, dry_run: bool = False, now: datetime | None = None) -> int:
+    """Load `windows`, or with None catch up on what the ledger lacks; returns rows written."""
+    connection = None
     client = connect_influx(settings)
-    connection = None if dry_run else connect_postgres(settings)
     try:
-        query_api = client.query_api()
-        for window in windows:
-            started = time.monotonic()
-            frame = extract_frame(query_api, settings, window)
-            if dry_run:
-                for hour, rows in rows_per_hour(frame, window).items():
-                    print(f"{iso(hour)}  {rows} rows")
-                continue
-            rows = load_frame(connection, settings.table, frame, window)
-            log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
+        if windows is None or not dry_run:
+            connection = connect_postgres(settings)
+        if not dry_run:
+            acquire_lock(connection, settings.table, wait=None if windows is None else settings.lock_timeout)
+        catching_up = windows is None
+        if catching_up:
+            windows = catch_up_windows(connection, settings, now or datetime.now(timezone.utc))
+            if not windows:
+                log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
+                return 0
+        if dry_run:
+            report_windows(settings, client.query_api(), windows)
+            return 0
+        return load_windows(settings, connection, client.query_api(), windows, catching_up, now)
     finally:
         client.close()
         if connection is not None:
             connection.close()
 
 
+def load_window(settings: Settings, start: datetime, stop: datetime) -> int:
+    """Load the whole hours in [start, stop), replacing their rows; for schedulers such as Airflow."""
+    if start.tzinfo is None or stop.tzinfo is None or start != hour_floor(start) or stop != hour_floor(stop) or stop <= start:
+        raise ValueError("start and stop must be timezone-aware whole hours, start before stop")
+    return run(settings, chunked(Window(start, stop).hours()))
+
+
+def show_status(settings: Settings, now: datetime, days: int) -> int:
+    since = min(hour_floor(now).replace(hour=0) - timedelta(days=days), now - timedelta(hours=settings.catch_up_hours + 1))
+    connection = connect_postgres(settings)
+    try:
+        ledger = extract_ledger(connection, settings.table, hour_floor(since))
+    finally:
+        connection.close()
+    text, code = status_report(ledger, now, settings, days)
+    print(text)
+    return code
+
+
 def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
     """Run the loader; `now` is for tests and schedulers that pass their own clock."""
     args = parse_args(argv)
+    now = now or datetime.now(timezone.utc)
     here = Path(__file__).resolve().parent
     secrets: list[str] = []
     try:
@@ -651,13 +895,16 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
         settings = settings_from_env(environ)
         secrets = settings.secrets()
         configure_logging(args, secrets)
+        if args.status:
+            return show_status(settings, now, args.days)
         try:
-            windows = requested_windows(args, now or datetime.now(timezone.utc))
+            windows = requested_windows(args, now, settings.settle)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        run(settings, windows, args.dry_run)
+        run(settings, windows, args.dry_run, now)
     except LoaderError as exc:
-        print(f"health_metrics_loader: error: {Redactor(secrets).redact(str(exc))}", file=sys.stderr)
+        kind = "error: " if exc.exit_code else ""
+        print(f"health_metrics_loader: {kind}{Redactor(secrets).redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     return EXIT_OK
 

@@ -1,8 +1,8 @@
 """Try the loader without an InfluxDB account.
 
-Starts the InfluxDB emulator with three hours of synthetic 1 Hz pulse-oximeter data
-and a throwaway PostgreSQL, runs the real loader against them as cron would, and
-prints what it loaded.
+Starts the InfluxDB emulator with six hours of synthetic 1 Hz pulse-oximeter data
+and a throwaway PostgreSQL, runs the real loader against them (a backfill of the first
+three hours, then the cron call, which catches up on the rest), and prints what it loaded.
 
     .venv/bin/python -m tests.demo
 """
@@ -22,7 +22,7 @@ from tests.influxdb_emulator import Emulator
 from tests.pg_server import ThrowawayPostgres
 from tests.synthetic import line_protocol
 
-HOURS = 3
+HOURS = 6
 
 
 def loader(env: dict[str, str], *argv: str) -> None:
@@ -60,8 +60,9 @@ def main() -> int:
     print(f"Throwaway PostgreSQL on 127.0.0.1:{server.port}")
     env = {**os.environ, "CONNECTION": emulator.url, "TOKEN": "demo-token", "ORG": "demo-org", "PG_CONNECT": server.url}
     try:
-        loader(env, "--from", hml.iso(first), "--to", hml.iso(last.start))
+        loader(env, "--from", hml.iso(first), "--to", hml.iso(first + timedelta(hours=3)))
         loader(env)
+        loader(env, "--status", "--days", "2")
         report(server.url)
     finally:
         server.stop()

@@ -45,7 +45,8 @@ def assert_no_secrets(*texts: str) -> None:
         assert PASSWORD not in text
 
 
-def test_cron_call_loads_the_previous_hour(loader_env, influx, capsys):
+def test_cron_call_loads_the_previous_hour(loader_env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("CATCH_UP_HOURS", "1")
     influx.write_lines("pulse_oximeter", line_protocol(H14 - timedelta(minutes=1), 1 + 2 / 60), precision="s")
     code, out, err = run([], capsys)
     assert code == 0, err
