@@ -19,6 +19,7 @@ or beside this script (the environment wins):
     CATCH_UP_HOURS      how far back the cron call fills missing hours, default 72 (max 720)
     SETTLE_MINUTES      minutes after an hour ends before it counts as complete, default 2
     LOCK_TIMEOUT        seconds --hour and --from/--to wait for another run, default 300
+    RETRY_BUDGET        seconds a run may spend waiting to retry InfluxDB, default 180
 
 Every loaded hour is recorded in the table `loaded_hours` (same schema as PG_TABLE),
 in the same transaction as its rows. The cron call loads every complete hour of the
@@ -37,19 +38,22 @@ import io
 import logging
 import math
 import os
+import random
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, redirect_stderr, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `--help` should not pay for it
     import pandas as pd
 
 log = logging.getLogger("health_metrics_loader")
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 HOUR = timedelta(hours=1)
@@ -69,6 +73,18 @@ class ConfigError(LoaderError):
 
 class SourceError(LoaderError):
     """InfluxDB could not be reached, refused the request, or sent a bad answer."""
+
+
+class TransientSourceError(SourceError):
+    """A source failure that a later try may not meet: worth a retry."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IncompleteAnswer(TransientSourceError):
+    """The answer was cut off: nothing of it may be written."""
 
 
 class DataError(LoaderError):
@@ -95,6 +111,7 @@ DEFAULTS = {
     "CATCH_UP_HOURS": "72",
     "SETTLE_MINUTES": "2",
     "LOCK_TIMEOUT": "300",
+    "RETRY_BUDGET": "180",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -117,6 +134,7 @@ class Settings:
     catch_up_hours: int = 72
     settle: timedelta = timedelta(minutes=2)
     lock_timeout: float = 300.0
+    retry_budget: float = 180.0
 
     def secrets(self) -> list[str]:
         """Values that must never be printed."""
@@ -164,6 +182,9 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     lock_timeout = number(values["LOCK_TIMEOUT"])
     if lock_timeout is None or lock_timeout < 0:
         problems.append("LOCK_TIMEOUT must be a number of seconds, 0 or more")
+    retry_budget = number(values["RETRY_BUDGET"])
+    if retry_budget is None or retry_budget < 0:
+        problems.append("RETRY_BUDGET must be a number of seconds, 0 or more")
     if problems:
         hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
         raise ConfigError("; ".join(problems) + hint)
@@ -180,6 +201,7 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         catch_up_hours=int(catch_up),
         settle=timedelta(minutes=settle),
         lock_timeout=float(lock_timeout),
+        retry_budget=float(retry_budget),
     )
 
 
@@ -374,7 +396,7 @@ def split_blocks(body: bytes) -> list[Block]:
             )
         )
     if not text.endswith(b"\n\n"):
-        raise SourceError("InfluxDB's answer ended early (cut off mid-table); nothing was written")
+        raise IncompleteAnswer("InfluxDB's answer ended early (cut off mid-table)")
     return blocks
 
 
@@ -396,7 +418,7 @@ def frame_from_block(block: Block) -> pd.DataFrame:
         usecols=["_time", *fields],
         dtype={"_time": str, **{f: "float64" for f in fields}},
         keep_default_na=False,
-        na_values={f: [""] for f in fields},
+        na_values={f: ["", "NaN"] for f in fields},
     )
     try:
         frame["_time"] = pd.to_datetime(frame["_time"], format="ISO8601", utc=True)
@@ -447,6 +469,9 @@ def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
 
 
 # -- I/O edges: InfluxDB --------------------------------------------------------------
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+
+
 def connect_influx(settings: Settings):
     from influxdb_client import InfluxDBClient
 
@@ -455,35 +480,86 @@ def connect_influx(settings: Settings):
         token=settings.token,
         org=settings.org,
         timeout=int(settings.query_timeout * 1000),
+        verify_ssl=True,
     )
 
 
-def extract_answer(query_api, settings: Settings, query: str) -> bytes:
-    """The raw annotated CSV for `query`; InfluxDB's errors become SourceError."""
+@dataclass
+class Retrier:
+    """Bounded, jittered exponential backoff; one budget of waiting for a whole run."""
+
+    budget: float
+    sleep: Callable[[float], None] = time.sleep
+    jitter: Callable[[], float] = random.random
+    base: float = 1.0
+    cap: float = 60.0
+    spent: float = 0.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        return min(self.cap, self.base * 2**attempt) * (0.5 + self.jitter() / 2)
+
+    def call(self, action: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except TransientSourceError as exc:
+                delay = self.delay(attempt, exc.retry_after)
+                if self.spent + delay > self.budget:
+                    tries = f"{attempt + 1} tries" if attempt else "1 try"
+                    raise SourceError(f"{exc}; gave up after {tries} (RETRY_BUDGET {self.budget:g}s)") from None
+                attempt += 1
+                log.warning("%s; retry %d in %.1fs", exc, attempt, delay)
+                self.sleep(delay)
+                self.spent += delay
+
+
+def fetch_answer(query_api, settings: Settings, query: str) -> bytes:
+    """One try at the raw annotated CSV; failures say whether a retry may help."""
     from influxdb_client.rest import ApiException
     from urllib3.exceptions import HTTPError
 
     try:
-        response = query_api.query_raw(query, org=settings.org)
-        return response.data
+        return query_api.query_raw(query, org=settings.org).data
     except ApiException as exc:
+        if exc.status in TRANSIENT_STATUS:
+            raise TransientSourceError(describe_api_error(exc), retry_after=seconds_or_none(exc.retry_after)) from None
         raise SourceError(describe_api_error(exc)) from None
-    except HTTPError as exc:
-        raise SourceError(f"InfluxDB at {settings.influx_url} is unreachable ({reason(exc)}): check CONNECTION and the network") from None
+    except HTTPError as exc:  # refused, reset, timed out, or cut off mid-answer
+        raise TransientSourceError(
+            f"InfluxDB at {settings.influx_url} did not answer ({reason(exc)}): check CONNECTION and the network"
+        ) from None
+
+
+def seconds_or_none(text: str | None) -> float | None:
+    value = number(text) if text else None
+    return value if value is not None and value >= 0 else None
 
 
 def describe_api_error(exc) -> str:
-    message = exc.message
+    message = exc.message if exc.status else exc.reason
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
-    message = (message or exc.reason or "").strip().splitlines()[0] if (message or exc.reason) else ""
-    hint = {
-        401: "check TOKEN",
-        403: "check that TOKEN may read the bucket",
-        404: "check ORG and INFLUX_BUCKET",
-        400: "check INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY",
-    }.get(exc.status, "InfluxDB had a problem; try again later")
-    return f"InfluxDB refused the query ({exc.status}: {message}): {hint}"
+    lines = [line.strip() for line in (message or exc.reason or "").splitlines() if line.strip()]
+    message = " ".join(lines[-1:] if exc.status == 0 else lines[:1])
+    status = exc.status
+    if status == 0:
+        return f"InfluxDB could not be reached securely ({message}): check CONNECTION and the server's certificate"
+    if status == 401:
+        return f"InfluxDB refused the token ({status}: {message}): check TOKEN in .env"
+    if status == 403:
+        return f"InfluxDB denied access ({status}: {message}): check that TOKEN may read INFLUX_BUCKET"
+    if status == 404:
+        return f"InfluxDB found no such bucket or organization ({status}: {message}): check INFLUX_BUCKET and ORG"
+    if status == 400:
+        return f"InfluxDB rejected the query ({status}: {message}): check ORG, INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY"
+    if status == 429:
+        return f"InfluxDB is rate-limiting this organization ({status}: {message})"
+    if status >= 500:
+        return f"InfluxDB had a server error ({status}: {message})"
+    return f"InfluxDB refused the query ({status}: {message})"
 
 
 def reason(exc: BaseException) -> str:
@@ -494,9 +570,40 @@ def reason(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if "object at 0x" in text else text
 
 
-def extract_frame(query_api, settings: Settings, window: Window) -> pd.DataFrame:
+def extract_frame(query_api, settings: Settings, window: Window, retrier: Retrier) -> pd.DataFrame:
     """The window's 5-second means, cleaned and ready to store."""
-    return clean(read_answer(extract_answer(query_api, settings, flux_query(settings, window))))
+    query = flux_query(settings, window)
+    try:
+        return retrier.call(lambda: clean(read_answer(fetch_answer(query_api, settings, query))))
+    except SourceError as exc:
+        # InfluxDB's own message does not say which field (influxdb#23321): ask for the types.
+        if "unsupported input type for mean aggregate" in str(exc):
+            fields = extract_non_numeric_fields(query_api, settings, window)
+            if fields:
+                raise DataError(
+                    f"field {', '.join(map(repr, fields))} of measurement {settings.measurement!r} is not numeric, "
+                    "so InfluxDB cannot average it: write it to another measurement"
+                ) from None
+        raise
+
+
+def field_types_query(settings: Settings, window: Window) -> str:
+    return (
+        f"from(bucket: {flux_string(settings.bucket)})\n"
+        f"  |> range(start: {iso(window.start)}, stop: {iso(window.stop)})\n"
+        f"  |> filter(fn: (r) => r._measurement == {flux_string(settings.measurement)})\n"
+        "  |> last()\n"
+    )
+
+
+def extract_non_numeric_fields(query_api, settings: Settings, window: Window) -> list[str]:
+    """Fields whose values are strings or booleans: one table per series, typed by #datatype."""
+    fields = set()
+    for block in split_blocks(fetch_answer(query_api, settings, field_types_query(settings, window))):
+        if block.datatypes.get("_value") in ("string", "boolean") and "_field" in block.header:
+            column = block.header.index("_field") + 1
+            fields.update(row[column] for row in csv.reader(block.data.decode().splitlines()) if len(row) > column)
+    return sorted(fields)
 
 
 # -- I/O edges: PostgreSQL ---------------------------------------------------------------
@@ -524,6 +631,17 @@ def connect_postgres(settings: Settings):
         cursor.execute("SET TIME ZONE 'UTC'")
     connection.commit()
     return connection
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """PostgreSQL's errors outside a load become one DatabaseError line."""
+    import psycopg2
+
+    try:
+        yield
+    except psycopg2.Error as exc:
+        raise DatabaseError(f"PostgreSQL failed ({pg_reason(exc)}): check PG_CONNECT and the server") from None
 
 
 def pg_reason(exc: BaseException) -> str:
@@ -565,11 +683,17 @@ def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> None:
 
 def copy_rows(cursor, table: tuple[str, ...], frame: pd.DataFrame) -> None:
     """Stream the rows with COPY; an empty cell is NULL."""
-    buffer = io.StringIO()
-    frame.to_csv(buffer, header=False, index=False, date_format="%Y-%m-%d %H:%M:%S.%f+00")
-    buffer.seek(0)
+    text = frame.to_csv(header=False, index=False, date_format="%Y-%m-%d %H:%M:%S.%f+00")
     columns = ", ".join(quote_ident(c) for c in frame.columns)
-    cursor.copy_expert(f"COPY {qualified(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", buffer)
+    stray = io.StringIO()
+    try:
+        # When the server ends the connection mid-COPY, psycopg2 2.9 prints the error's chain
+        # straight to sys.stderr before raising it; keep that out of the one-line report.
+        with redirect_stderr(stray):
+            cursor.copy_expert(f"COPY {qualified(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", io.BytesIO(text.encode()))
+    finally:
+        if stray.getvalue():
+            log.debug("psycopg2 printed during COPY: %s", stray.getvalue().strip())
 
 
 LEDGER = "loaded_hours"
@@ -685,7 +809,8 @@ def load_frame(
         if not isinstance(exc, psycopg2.Error):
             raise
         if not connection.closed:
-            connection.rollback()
+            with suppress(psycopg2.Error):
+                connection.rollback()
         raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
     for hour, rows in kept.items():
         log.warning(
@@ -821,44 +946,58 @@ def catch_up_windows(connection, settings: Settings, now: datetime) -> list[Wind
 
 
 def load_windows(
-    settings: Settings, connection, query_api, windows: Sequence[Window], catching_up: bool = False, now: datetime | None = None
+    settings: Settings,
+    connection,
+    query_api,
+    windows: Sequence[Window],
+    retrier: Retrier,
+    catching_up: bool = False,
+    now: datetime | None = None,
 ) -> int:
     """Extract and load each window, oldest first; a failure stops the run."""
     total = 0
     for window in windows:
         started = time.monotonic()
-        frame = extract_frame(query_api, settings, window)
+        frame = extract_frame(query_api, settings, window, retrier)
         rows = load_frame(connection, settings.table, frame, window, keep_unanswered=catching_up, loaded_at=now)
         log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
         total += rows
     return total
 
 
-def report_windows(settings: Settings, query_api, windows: Sequence[Window]) -> None:
+def report_windows(settings: Settings, query_api, windows: Sequence[Window], retrier: Retrier) -> None:
     for window in windows:
-        for hour, rows in rows_per_hour(extract_frame(query_api, settings, window), window).items():
+        for hour, rows in rows_per_hour(extract_frame(query_api, settings, window, retrier), window).items():
             print(f"{iso(hour)}  {rows} rows")
 
 
-def run(settings: Settings, windows: Sequence[Window] | None, dry_run: bool = False, now: datetime | None = None) -> int:
+def run(
+    settings: Settings,
+    windows: Sequence[Window] | None,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Load `windows`, or with None catch up on what the ledger lacks; returns rows written."""
+    retrier = Retrier(settings.retry_budget, sleep=sleep)
     connection = None
     client = connect_influx(settings)
     try:
-        if windows is None or not dry_run:
-            connection = connect_postgres(settings)
-        if not dry_run:
-            acquire_lock(connection, settings.table, wait=None if windows is None else settings.lock_timeout)
-        catching_up = windows is None
-        if catching_up:
-            windows = catch_up_windows(connection, settings, now or datetime.now(timezone.utc))
-            if not windows:
-                log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
+        with database_errors():
+            if windows is None or not dry_run:
+                connection = connect_postgres(settings)
+            if not dry_run:
+                acquire_lock(connection, settings.table, wait=None if windows is None else settings.lock_timeout)
+            catching_up = windows is None
+            if catching_up:
+                windows = catch_up_windows(connection, settings, now or datetime.now(timezone.utc))
+                if not windows:
+                    log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
+                    return 0
+            if dry_run:
+                report_windows(settings, client.query_api(), windows, retrier)
                 return 0
-        if dry_run:
-            report_windows(settings, client.query_api(), windows)
-            return 0
-        return load_windows(settings, connection, client.query_api(), windows, catching_up, now)
+            return load_windows(settings, connection, client.query_api(), windows, retrier, catching_up, now)
     finally:
         client.close()
         if connection is not None:
@@ -874,27 +1013,40 @@ def load_window(settings: Settings, start: datetime, stop: datetime) -> int:
 
 def show_status(settings: Settings, now: datetime, days: int) -> int:
     since = min(hour_floor(now).replace(hour=0) - timedelta(days=days), now - timedelta(hours=settings.catch_up_hours + 1))
-    connection = connect_postgres(settings)
-    try:
-        ledger = extract_ledger(connection, settings.table, hour_floor(since))
-    finally:
-        connection.close()
+    with database_errors():
+        connection = connect_postgres(settings)
+        try:
+            ledger = extract_ledger(connection, settings.table, hour_floor(since))
+        finally:
+            connection.close()
     text, code = status_report(ledger, now, settings, days)
     print(text)
     return code
+
+
+def loosely_readable(paths: Iterable[Path]) -> list[str]:
+    """Warnings for .env files that other users may read, as ssh warns about keys."""
+    warnings = []
+    for path in paths:
+        if path.is_file() and path.stat().st_mode & 0o077:
+            mode = path.stat().st_mode & 0o777
+            warnings.append(f"{path} can be read by other users (mode {mode:o}); it holds secrets: chmod 600 {path}")
+    return warnings
 
 
 def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
     """Run the loader; `now` is for tests and schedulers that pass their own clock."""
     args = parse_args(argv)
     now = now or datetime.now(timezone.utc)
-    here = Path(__file__).resolve().parent
+    env_files = list(dict.fromkeys([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"]))
     secrets: list[str] = []
     try:
-        environ = {**read_env_files([Path.cwd() / ".env", here / ".env"]), **os.environ}
+        environ = {**read_env_files(env_files), **os.environ}
         settings = settings_from_env(environ)
         secrets = settings.secrets()
         configure_logging(args, secrets)
+        for warning in loosely_readable(env_files):
+            log.warning(warning)
         if args.status:
             return show_status(settings, now, args.days)
         try:

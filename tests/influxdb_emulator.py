@@ -822,7 +822,8 @@ class Fault:
 
     kind: "status" (status, retry_after, message), "error_table" (message, after
     the first `keep_rows` data rows), "truncate" (cut the body after `keep_bytes`),
-    "reset" (close the connection without an answer), "slow" (wait `delay` first).
+    "reset" (close the connection without an answer), "slow" (wait `delay` first),
+    "canned" (answer 200 with `body` instead).
     """
 
     kind: str
@@ -832,6 +833,7 @@ class Fault:
     keep_rows: int = 1
     keep_bytes: int = 200
     delay: float = 0.0
+    body: str = ""
 
 
 @dataclass
@@ -889,7 +891,8 @@ class Emulator:
         return body
 
     # Serving
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    def start(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None) -> str:
+        """Serve in a thread; `tls` is (certificate file, key file) for https."""
         emulator = self
 
         class Handler(RequestHandler):
@@ -897,6 +900,14 @@ class Emulator:
 
         Handler.emulator = emulator
         self.server = QuietServer((host, port), Handler)
+        self.scheme = "http"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self.url
@@ -904,7 +915,7 @@ class Emulator:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def stop(self) -> None:
         if self.server:
@@ -1064,7 +1075,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_abruptly()
             return
         try:
-            answer = self.emulator.answer(query, annotations)
+            answer = fault.body.encode() if fault and fault.kind == "canned" else self.emulator.answer(query, annotations)
         except FluxError as exc:
             self.send_error_json(exc.code, str(exc))
             return

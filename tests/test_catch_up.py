@@ -102,7 +102,7 @@ def test_a_failed_chunk_is_not_recorded_and_is_retried(loader_env, influx, capsy
     influx.inject(Fault("slow", delay=0), Fault("status", status=400, message="compilation failed: boom"))  # the 2nd chunk fails
     code, _, err = cron(capsys, DAY0 + timedelta(hours=48, minutes=5))
     assert code == 1
-    assert "InfluxDB refused the query (400: compilation failed: boom)" in err
+    assert "InfluxDB rejected the query (400: compilation failed: boom)" in err
     assert list(ledger(loader_env["PG_CONNECT"])) == hours(DAY0, 24)
     code, _, err = cron(capsys, DAY0 + timedelta(hours=48, minutes=10))
     assert code == 0, err

@@ -147,10 +147,14 @@ def test_env_file_in_the_working_directory(monkeypatch, tmp_path, loader_env, in
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("TOKEN", "not-the-token", "InfluxDB refused the query (401: unauthorized access): check TOKEN"),
-        ("INFLUX_BUCKET", "nope", 'could not find bucket \\"nope\\"'.replace("\\", "")),
-        ("ORG", "other-org", "organization name"),
-        ("CONNECTION", "http://127.0.0.1:9", "is unreachable"),
+        ("TOKEN", "not-the-token", "InfluxDB refused the token (401: unauthorized access): check TOKEN in .env"),
+        (
+            "INFLUX_BUCKET",
+            "nope",
+            'InfluxDB found no such bucket or organization (404: failed to initialize execute state: could not find bucket "nope")',
+        ),
+        ("ORG", "other-org", 'InfluxDB rejected the query (400: failed to decode request body: organization name "other-org" not found)'),
+        ("CONNECTION", "http://127.0.0.1:9", "InfluxDB at http://127.0.0.1:9 did not answer ("),
         ("PG_CONNECT", None, "cannot connect to PostgreSQL"),
     ],
 )
@@ -158,6 +162,7 @@ def test_failures_exit_1_with_one_line(loader_env, influx, monkeypatch, capsys, 
     if setting == "PG_CONNECT":
         value = loader_env["PG_CONNECT"].replace(PASSWORD, PASSWORD + "x")
     monkeypatch.setenv(setting, value)
+    monkeypatch.setenv("RETRY_BUDGET", "0")
     code, out, err = run([], capsys)
     assert code == 1
     lines = err.strip().splitlines()
