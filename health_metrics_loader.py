@@ -666,31 +666,77 @@ def table_columns(cursor, table: tuple[str, ...]) -> dict[str, str]:
     return dict(cursor.fetchall())
 
 
-def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> None:
-    """Create the table, or add a column for each new field."""
+def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> dict[str, str]:
+    """Create the table, or add a column for each new field; returns its columns' types."""
     columns = table_columns(cursor, table)
     if not columns:
         definitions = ", ".join(["time timestamptz PRIMARY KEY", *(f"{quote_ident(f)} double precision" for f in fields)])
         cursor.execute(f"CREATE TABLE {qualified(table)} ({definitions})")
-        return
+        return {"time": "timestamp with time zone", **dict.fromkeys(fields, "double precision")}
     if "time" not in columns:
         raise DataError(f"table {'.'.join(table)} has no time column; set PG_TABLE to another table")
     for field in fields:
         if field not in columns:
             log.info("new field %s: adding a column to %s", field, ".".join(table))
             cursor.execute(f"ALTER TABLE {qualified(table)} ADD COLUMN {quote_ident(field)} double precision")
+            columns[field] = "double precision"
+    return columns
 
 
-def copy_rows(cursor, table: tuple[str, ...], frame: pd.DataFrame) -> None:
-    """Stream the rows with COPY; an empty cell is NULL."""
-    text = frame.to_csv(header=False, index=False, date_format="%Y-%m-%d %H:%M:%S.%f+00")
-    columns = ", ".join(quote_ident(c) for c in frame.columns)
+BINARY_TYPES = {"timestamp with time zone", "timestamp without time zone", "double precision"}
+PGCOPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension length
+PGCOPY_TRAILER = b"\xff\xff"
+
+
+def copy_binary(frame: pd.DataFrame) -> bytes | None:
+    """The rows in COPY's binary format, or None if a cell is empty (CSV handles those).
+
+    Building it is a few numpy operations, and PostgreSQL parses it faster than text.
+    Each row: field count, then per field its byte length and big-endian value; times
+    are microseconds since 2000-01-01 (UTC wall time, right for both timestamp types).
+    """
+    import numpy as np  # installed with pandas
+
+    fields = list(frame.columns.drop("time"))
+    values = frame[fields].to_numpy(dtype="float64")
+    if np.isnan(values).any():
+        return None
+    layout = [("count", ">i2"), ("time_size", ">i4"), ("time", ">i8")]
+    for i in range(len(fields)):
+        layout += [(f"size{i}", ">i4"), (f"value{i}", ">f8")]
+    rows = np.empty(len(frame), dtype=layout)
+    rows["count"], rows["time_size"] = 1 + len(fields), 8
+    rows["time"] = (frame["time"].to_numpy(dtype="datetime64[us]") - np.datetime64("2000-01-01T00:00:00", "us")).view("int64")
+    for i in range(len(fields)):
+        rows[f"size{i}"], rows[f"value{i}"] = 8, values[:, i]
+    return PGCOPY_HEADER + rows.tobytes() + PGCOPY_TRAILER
+
+
+def copy_text(frame: pd.DataFrame) -> bytes:
+    """The rows as CSV for COPY: an empty cell is NULL, times are UTC.
+
+    Several times faster than DataFrame.to_csv for this shape, which matters on a Pi.
+    """
+    import numpy as np  # installed with pandas
+
+    stamps = frame["time"].to_numpy(dtype="datetime64[us]")
+    whole_seconds = not (stamps.view("int64") % 1_000_000).any()  # shorter text, quicker COPY
+    times = np.datetime_as_string(stamps, unit="s" if whole_seconds else "us", timezone="UTC").tolist()
+    fields = [["" if v != v else repr(v) for v in frame[c].tolist()] for c in frame.columns.drop("time")]
+    return "".join(line + "\n" for line in map(",".join, zip(times, *fields))).encode()
+
+
+def copy_rows(cursor, table: tuple[str, ...], columns: Sequence[str], data: bytes, binary: bool) -> None:
+    """Stream rows into the table with COPY, as CSV or in the binary format."""
+    names = ", ".join(quote_ident(c) for c in columns)
     stray = io.StringIO()
     try:
         # When the server ends the connection mid-COPY, psycopg2 2.9 prints the error's chain
         # straight to sys.stderr before raising it; keep that out of the one-line report.
         with redirect_stderr(stray):
-            cursor.copy_expert(f"COPY {qualified(table)} ({columns}) FROM STDIN WITH (FORMAT csv)", io.BytesIO(text.encode()))
+            cursor.copy_expert(
+                f"COPY {qualified(table)} ({names}) FROM STDIN WITH (FORMAT {'binary' if binary else 'csv'})", io.BytesIO(data)
+            )
     finally:
         if stray.getvalue():
             log.debug("psycopg2 printed during COPY: %s", stray.getvalue().strip())
@@ -729,10 +775,14 @@ def extract_ledger(connection, table: tuple[str, ...], since: datetime) -> dict[
 
 
 def record_hours(cursor, table: tuple[str, ...], counts: Mapping[datetime, int], loaded_at: datetime | None) -> None:
-    cursor.executemany(
-        f"INSERT INTO {qualified(ledger_of(table))} (target_table, hour, rows, loaded_at) VALUES (%s, %s, %s, coalesce(%s, now()))"
+    from psycopg2.extras import execute_values
+
+    execute_values(
+        cursor,
+        f"INSERT INTO {qualified(ledger_of(table))} (target_table, hour, rows, loaded_at) VALUES %s"
         " ON CONFLICT (target_table, hour) DO UPDATE SET rows = EXCLUDED.rows, loaded_at = EXCLUDED.loaded_at",
         [(".".join(table), hour, rows, loaded_at) for hour, rows in counts.items()],
+        template="(%s, %s, %s, coalesce(%s::timestamptz, now()))",
     )
 
 
@@ -771,34 +821,48 @@ def stored_rows_per_hour(cursor, table: tuple[str, ...], window: Window) -> dict
     return dict(cursor.fetchall())
 
 
-def load_frame(
-    connection,
-    table: tuple[str, ...],
-    frame: pd.DataFrame,
-    window: Window,
-    keep_unanswered: bool = False,
-    loaded_at: datetime | None = None,
-) -> int:
-    """Replace the window's rows with `frame` and record its hours, in one transaction.
+@dataclass(frozen=True)
+class Chunk:
+    """A window's rows ready to store: the frame, its rows per hour, and (if it has no
+    empty cell) its binary COPY data."""
+
+    window: Window
+    frame: pd.DataFrame
+    counts: dict[datetime, int]
+    binary: bytes | None
+
+
+def prepare_chunk(frame: pd.DataFrame, window: Window) -> Chunk:
+    return Chunk(window, frame, rows_per_hour(frame, window), copy_binary(frame))
+
+
+def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window, **options) -> int:
+    """Replace the window's rows with `frame` and record its hours, in one transaction."""
+    return load_chunk(connection, table, prepare_chunk(frame, window), **options)
+
+
+def load_chunk(connection, table: tuple[str, ...], chunk: Chunk, keep_unanswered: bool = False, loaded_at: datetime | None = None) -> int:
+    """Replace the chunk's window in the table and record its hours, in one transaction.
 
     With `keep_unanswered`, an hour that InfluxDB answered with no data but that the table
     already holds rows for keeps them: InfluxDB may have forgotten it (retention), or a
     setting may point at the wrong measurement; either way, deleting would lose data.
     """
-    counts = rows_per_hour(frame, window)
+    window, frame = chunk.window, chunk.frame
     try:
         with connection.cursor() as cursor:
-            ensure_table(cursor, table, list(frame.columns.drop("time")))
+            types = ensure_table(cursor, table, list(frame.columns.drop("time")))
             kept = {}
             if keep_unanswered:
                 stored = stored_rows_per_hour(cursor, table, window)
-                kept = {hour: stored[hour] for hour, rows in counts.items() if rows == 0 and stored.get(hour)}
+                kept = {hour: stored[hour] for hour, rows in chunk.counts.items() if rows == 0 and stored.get(hour)}
             for part in chunked([hour for hour in window.hours() if hour not in kept]):
                 cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
             if len(frame):
-                copy_rows(cursor, table, frame)
+                binary = chunk.binary is not None and all(types[c] in BINARY_TYPES for c in frame.columns)
+                copy_rows(cursor, table, list(frame.columns), chunk.binary if binary else copy_text(frame), binary)
             ensure_ledger(cursor, table)
-            record_hours(cursor, table, {**counts, **kept}, loaded_at)
+            record_hours(cursor, table, {**chunk.counts, **kept}, loaded_at)
         connection.commit()
     except LoaderError:
         connection.rollback()
@@ -954,14 +1018,27 @@ def load_windows(
     catching_up: bool = False,
     now: datetime | None = None,
 ) -> int:
-    """Extract and load each window, oldest first; a failure stops the run."""
+    """Extract and load each window, oldest first; a failure stops the run.
+
+    A second thread fetches and prepares the next window while PostgreSQL takes the
+    current one, so a backfill costs little more than its COPYs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare(window: Window) -> Chunk:
+        return prepare_chunk(extract_frame(query_api, settings, window, retrier), window)
+
     total = 0
-    for window in windows:
-        started = time.monotonic()
-        frame = extract_frame(query_api, settings, window, retrier)
-        rows = load_frame(connection, settings.table, frame, window, keep_unanswered=catching_up, loaded_at=now)
-        log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
-        total += rows
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        upcoming = worker.submit(prepare, windows[0])
+        for index, window in enumerate(windows):
+            started = time.monotonic()
+            chunk = upcoming.result()
+            if index + 1 < len(windows):
+                upcoming = worker.submit(prepare, windows[index + 1])
+            rows = load_chunk(connection, settings.table, chunk, keep_unanswered=catching_up, loaded_at=now)
+            log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
+            total += rows
     return total
 
 

@@ -20,7 +20,7 @@ def frame(*rows: tuple) -> pd.DataFrame:
     """A cleaned frame: (ISO time, pulse, spo2) rows."""
     return pd.DataFrame(
         {
-            "time": pd.to_datetime([r[0] for r in rows], utc=True).astype("datetime64[us, UTC]"),
+            "time": pd.to_datetime([r[0] for r in rows], utc=True, format="ISO8601").astype("datetime64[us, UTC]"),
             "pulse": pd.Series([r[1] for r in rows], dtype="float64"),
             "spo2": pd.Series([r[2] for r in rows], dtype="float64"),
         }
@@ -147,3 +147,30 @@ def test_a_failed_load_writes_nothing(connect, pg):
     with pytest.raises(hml.DatabaseError, match="spo2_small"):
         hml.load_frame(connection, TABLE, frame(("2021-07-12T14:00:10Z", 2, 2)), H14)
     assert select(pg) == [(utc(2021, 7, 12, 14, 0, 5), 1.0, 1.0)]  # the DELETE was rolled back too
+
+
+def test_fractional_seconds_survive(connect, pg):
+    hml.load_frame(connect(), TABLE, frame(("2021-07-12T14:00:01.5Z", 1, 1), ("2021-07-12T14:00:03Z", 2, 2)), H14)
+    assert [row[0] for row in select(pg)] == [utc(2021, 7, 12, 14, 0, 1, 500000), utc(2021, 7, 12, 14, 0, 3)]
+
+
+@pytest.mark.parametrize("value", [97.0, 0.1 + 0.2, 1e-7, 123456789.123456789, -0.0])
+def test_floats_are_stored_exactly(connect, pg, value):
+    hml.load_frame(connect(), TABLE, frame(("2021-07-12T14:00:05Z", value, None)), H14)
+    assert select(pg) == [(utc(2021, 7, 12, 14, 0, 5), value, None)]
+
+
+@pytest.mark.parametrize("value", [97.0, 0.1 + 0.2, 1e-7, 123456789.123456789, -0.0, 5e-324])
+def test_binary_copy_stores_floats_and_times_exactly(connect, pg, value):
+    chunk = hml.prepare_chunk(frame(("2021-07-12T14:00:01.5Z", value, 1.0), ("2021-07-12T15:00:00Z", 2.0, value)), H14)
+    assert chunk.binary is not None  # no empty cell: the binary format is used
+    hml.load_chunk(connect(), TABLE, chunk)
+    assert select(pg) == [(utc(2021, 7, 12, 14, 0, 1, 500000), value, 1.0), (utc(2021, 7, 12, 15), 2.0, value)]
+
+
+def test_columns_of_other_types_get_csv(connect, pg):
+    pg.cursor().execute("CREATE TABLE pox_five_second_mean (time timestamptz PRIMARY KEY, pulse real, spo2 numeric)")
+    hml.load_frame(connect(), TABLE, frame(("2021-07-12T14:00:05Z", 71.5, 97.25)), H14)
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT pulse, spo2::text FROM pox_five_second_mean")
+        assert cursor.fetchall() == [(71.5, "97.25")]
