@@ -174,3 +174,14 @@ def test_columns_of_other_types_get_csv(connect, pg):
     with pg.cursor() as cursor:
         cursor.execute("SELECT pulse, spo2::text FROM pox_five_second_mean")
         assert cursor.fetchall() == [(71.5, "97.25")]
+
+
+def test_url_options_reach_libpq(fresh_db):
+    settings = hml.settings_from_env(
+        {"CONNECTION": "http://x", "TOKEN": "t", "ORG": "o", "PG_CONNECT": fresh_db + "?application_name=hml-test&connect_timeout=5"}
+    )
+    connection = hml.connect_postgres(settings)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW application_name")
+        assert cursor.fetchone() == ("hml-test",)
+    connection.close()

@@ -1,0 +1,16 @@
+"""The benchmark runs end to end (its figures are for people; nothing here times anything)."""
+
+from __future__ import annotations
+
+import re
+
+from tests import benchmark
+
+
+def test_benchmark_runs_on_one_day(capsys):
+    assert benchmark.main(["--days", "1", "--repeat", "1", "--blog-processes", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(loader, 1-day backfill|blog pipeline, 1 days) .*?MiB\s+([\d,]+)", out, re.M))
+    assert rows == {"loader, 1-day backfill": "17,280", "blog pipeline, 1 days": "17,280"}
+    assert re.search(r"^loader, hourly cron call .* 720\s+1$", out, re.M)
+    assert "floor: import the dependencies" in out
