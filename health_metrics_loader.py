@@ -278,17 +278,17 @@ def hour_floor(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
 
 
-def previous_hour(now: datetime) -> Window:
-    """The last complete UTC hour before `now` (which must be timezone-aware)."""
+def latest_complete_hour(now: datetime, settle: timedelta = timedelta(0)) -> datetime:
+    """The newest hour whose end is at least `settle` before `now` (a timezone-aware clock)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    stop = hour_floor(now)
-    return Window(stop - HOUR, stop)
-
-
-def latest_complete_hour(now: datetime, settle: timedelta) -> datetime:
-    """The newest hour whose end is at least `settle` old, so its last points have arrived."""
     return hour_floor(now - settle) - HOUR
+
+
+def previous_hour(now: datetime) -> Window:
+    """The last complete UTC hour before `now`, [H, H+1h)."""
+    start = latest_complete_hour(now)
+    return Window(start, start + HOUR)
 
 
 def complete_hours(now: datetime, settle: timedelta, count: int) -> list[datetime]:
@@ -538,28 +538,24 @@ def seconds_or_none(text: str | None) -> float | None:
     return value if value is not None and value >= 0 else None
 
 
+API_ERRORS = {  # status: (what happened, what to check)
+    400: ("InfluxDB rejected the query", ": check ORG, INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY"),
+    401: ("InfluxDB refused the token", ": check TOKEN in .env"),
+    403: ("InfluxDB denied access", ": check that TOKEN may read INFLUX_BUCKET"),
+    404: ("InfluxDB found no such bucket or organization", ": check INFLUX_BUCKET and ORG"),
+    429: ("InfluxDB is rate-limiting this organization", ""),
+}
+
+
 def describe_api_error(exc) -> str:
     message = exc.message if exc.status else exc.reason
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     lines = [line.strip() for line in (message or exc.reason or "").splitlines() if line.strip()]
-    message = " ".join(lines[-1:] if exc.status == 0 else lines[:1])
-    status = exc.status
-    if status == 0:
-        return f"InfluxDB could not be reached securely ({message}): check CONNECTION and the server's certificate"
-    if status == 401:
-        return f"InfluxDB refused the token ({status}: {message}): check TOKEN in .env"
-    if status == 403:
-        return f"InfluxDB denied access ({status}: {message}): check that TOKEN may read INFLUX_BUCKET"
-    if status == 404:
-        return f"InfluxDB found no such bucket or organization ({status}: {message}): check INFLUX_BUCKET and ORG"
-    if status == 400:
-        return f"InfluxDB rejected the query ({status}: {message}): check ORG, INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY"
-    if status == 429:
-        return f"InfluxDB is rate-limiting this organization ({status}: {message})"
-    if status >= 500:
-        return f"InfluxDB had a server error ({status}: {message})"
-    return f"InfluxDB refused the query ({status}: {message})"
+    if exc.status == 0:  # influxdb-client's word for a TLS failure; urllib3's reason is its last line
+        return f"InfluxDB could not be reached securely ({' '.join(lines[-1:])}): check CONNECTION and the server's certificate"
+    what, hint = API_ERRORS.get(exc.status, ("InfluxDB had a server error" if exc.status >= 500 else "InfluxDB refused the query", ""))
+    return f"{what} ({exc.status}: {' '.join(lines[:1])}){hint}"
 
 
 def reason(exc: BaseException) -> str:
