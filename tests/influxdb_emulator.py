@@ -880,14 +880,20 @@ class Emulator:
         self.storage.write(bucket, points)
 
     def answer(self, query: str, annotations: tuple[str, ...]) -> bytes:
-        """The CSV body for a query; memoised until the next write."""
-        key = (query, annotations)
+        """The CSV body for a query; memoised until the next write.
+
+        The memo is keyed by the query's tokens, so texts that differ only in spacing share
+        an answer; a query with a negative duration (relative to now) is never memoised.
+        """
+        tokens = tuple(token[:2] for token in tokenize(query))
+        key = (tokens, annotations)
         hit = self.cache.get(key)
         if hit and hit[0] == self.storage.generation:
             return hit[1]
         generation = self.storage.generation
         body = encode_results(execute(query, self.storage, self.now()), annotations).encode()
-        self.cache[key] = (generation, body)
+        if not any(kind == "duration" and text.startswith("-") for kind, text in tokens):
+            self.cache[key] = (generation, body)
         return body
 
     # Serving

@@ -307,3 +307,12 @@ def test_runs_on_its_own():
         process.terminate()
         process.wait(timeout=10)
     assert "serving on http://127.0.0.1:" in line
+
+
+def test_answers_are_memoised_by_tokens_until_a_write():
+    emulator = Emulator()
+    emulator.write_lines("pulse_oximeter", f"spo2,uid=A spo2=97 {H14 + 1}", precision="s")
+    first = emulator.answer(TARGET, ())
+    assert emulator.answer(" ".join(TARGET.split()), ()) is first  # same tokens, other spacing
+    emulator.write_lines("pulse_oximeter", f"spo2,uid=A spo2=99 {H14 + 2}", precision="s")
+    assert emulator.answer(TARGET, ()) == b",result,table,_time,spo2\r\n,_result,0,2021-07-12T14:00:05Z,98\r\n\r\n"
