@@ -642,14 +642,12 @@ def database_errors() -> Iterator[None]:
 
 
 def pg_reason(exc: BaseException) -> str:
-    """The first line of PostgreSQL's own message."""
-    orig = getattr(exc, "orig", None) or exc
-    text = (getattr(orig, "pgerror", None) or str(orig)).strip()
+    """The first line of PostgreSQL's (or libpq's) own message."""
+    text = (getattr(exc, "pgerror", None) or str(exc)).strip()
     for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return re.sub(r"^(FATAL|ERROR):\s+", "", line)
-    return type(orig).__name__
+        if line.strip():
+            return re.sub(r"^(FATAL|ERROR):\s+", "", line.strip())
+    return type(exc).__name__
 
 
 def table_columns(cursor, table: tuple[str, ...]) -> dict[str, str]:
