@@ -31,16 +31,17 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
 import psycopg2
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT
 from tests.influxdb_emulator import Emulator
 from tests.pg_server import ThrowawayPostgres
 from tests.synthetic import reading
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN, ORG = "bench-token", "bench-org"
 ANNOTATIONS = ("datatype", "group", "default")
 IMPORTS = "import influxdb_client, pandas, sqlalchemy, psycopg2, dotenv"

@@ -13,15 +13,16 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import psycopg2
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT
 from tests.influxdb_emulator import Emulator
 from tests.pg_server import ThrowawayPostgres
 from tests.synthetic import line_protocol
 
+ROOT = Path(__file__).resolve().parents[1]
 HOURS = 6
 
 
