@@ -242,3 +242,12 @@ def test_rows_per_hour_puts_the_hour_mark_in_the_earlier_hour():
         {"time": pd.to_datetime(["2021-07-12T14:00:05Z", "2021-07-12T15:00:00Z", "2021-07-12T15:00:05Z", "2021-07-12T16:00:00Z"], utc=True)}
     )
     assert hml.rows_per_hour(frame, window) == {utc(2021, 7, 12, 14): 2, utc(2021, 7, 12, 15): 2}
+
+
+def test_env_example_names_every_setting_and_parses():
+    from tests.conftest import ROOT
+
+    example = hml.read_env_files([ROOT / ".env.example"])
+    assert set(example) == {*hml.REQUIRED, *hml.DEFAULTS}
+    assert {k: example[k] for k in hml.DEFAULTS} == hml.DEFAULTS
+    hml.settings_from_env({**example, "TOKEN": "t", "ORG": "o"})
