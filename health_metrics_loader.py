@@ -114,6 +114,13 @@ DEFAULTS = {
     "RETRY_BUDGET": "180",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
+NUMBER_RULES = {  # setting: (the test its value must pass, what it must be)
+    "QUERY_TIMEOUT": (lambda n: n > 0, "a positive number of seconds"),
+    "CATCH_UP_HOURS": (lambda n: 1 <= n <= MAX_CATCH_UP_HOURS and n == int(n), f"a whole number from 1 to {MAX_CATCH_UP_HOURS}"),
+    "SETTLE_MINUTES": (lambda n: 0 <= n <= 59, "a number of minutes from 0 to 59"),
+    "LOCK_TIMEOUT": (lambda n: n >= 0, "a number of seconds, 0 or more"),
+    "RETRY_BUDGET": (lambda n: n >= 0, "a number of seconds, 0 or more"),
+}
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 DURATION_PART = re.compile(r"(\d+)(ns|us|µs|ms|s|m|h)")
 DURATION_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9}
@@ -170,21 +177,10 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     table = tuple(values["PG_TABLE"].split("."))
     if len(table) > 2 or not all(IDENTIFIER.fullmatch(part) for part in table):
         problems.append("PG_TABLE must be a table name or schema.table (letters, digits, _)")
-    timeout = number(values["QUERY_TIMEOUT"])
-    if timeout is None or timeout <= 0:
-        problems.append("QUERY_TIMEOUT must be a positive number of seconds")
-    catch_up = number(values["CATCH_UP_HOURS"])
-    if catch_up is None or catch_up != int(catch_up) or not 1 <= catch_up <= MAX_CATCH_UP_HOURS:
-        problems.append(f"CATCH_UP_HOURS must be a whole number from 1 to {MAX_CATCH_UP_HOURS}")
-    settle = number(values["SETTLE_MINUTES"])
-    if settle is None or not 0 <= settle <= 59:
-        problems.append("SETTLE_MINUTES must be a number of minutes from 0 to 59")
-    lock_timeout = number(values["LOCK_TIMEOUT"])
-    if lock_timeout is None or lock_timeout < 0:
-        problems.append("LOCK_TIMEOUT must be a number of seconds, 0 or more")
-    retry_budget = number(values["RETRY_BUDGET"])
-    if retry_budget is None or retry_budget < 0:
-        problems.append("RETRY_BUDGET must be a number of seconds, 0 or more")
+    numbers = {name: number(values[name]) for name in NUMBER_RULES}
+    for name, (fits, what) in NUMBER_RULES.items():
+        if numbers[name] is None or not fits(numbers[name]):
+            problems.append(f"{name} must be {what}")
     if problems:
         hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
         raise ConfigError("; ".join(problems) + hint)
@@ -197,11 +193,11 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         measurement=values["INFLUX_MEASUREMENT"],
         every=values["AGGREGATE_EVERY"],
         table=table,
-        query_timeout=float(timeout),
-        catch_up_hours=int(catch_up),
-        settle=timedelta(minutes=settle),
-        lock_timeout=float(lock_timeout),
-        retry_budget=float(retry_budget),
+        query_timeout=numbers["QUERY_TIMEOUT"],
+        catch_up_hours=int(numbers["CATCH_UP_HOURS"]),
+        settle=timedelta(minutes=numbers["SETTLE_MINUTES"]),
+        lock_timeout=numbers["LOCK_TIMEOUT"],
+        retry_budget=numbers["RETRY_BUDGET"],
     )
 
 
@@ -1100,8 +1096,8 @@ def loosely_readable(paths: Iterable[Path]) -> list[str]:
     """Warnings for .env files that other users may read, as ssh warns about keys."""
     warnings = []
     for path in paths:
-        if path.is_file() and path.stat().st_mode & 0o077:
-            mode = path.stat().st_mode & 0o777
+        mode = path.stat().st_mode & 0o777 if path.is_file() else 0
+        if mode & 0o077:
             warnings.append(f"{path} can be read by other users (mode {mode:o}); it holds secrets: chmod 600 {path}")
     return warnings
 

@@ -56,6 +56,12 @@ def test_every_missing_setting_is_named_at_once():
         ("AGGREGATE_EVERY", "500ms", "AGGREGATE_EVERY"),
         ("INFLUX_BUCKET", "a\nb", "INFLUX_BUCKET"),
         ("QUERY_TIMEOUT", "soon", "QUERY_TIMEOUT"),
+        ("QUERY_TIMEOUT", "0", "QUERY_TIMEOUT"),
+        ("CATCH_UP_HOURS", "inf", "CATCH_UP_HOURS"),
+        ("CATCH_UP_HOURS", "1.5", "CATCH_UP_HOURS"),
+        ("SETTLE_MINUTES", "nan", "SETTLE_MINUTES"),
+        ("LOCK_TIMEOUT", "-1", "LOCK_TIMEOUT"),
+        ("RETRY_BUDGET", "-1", "RETRY_BUDGET"),
     ],
 )
 def test_bad_setting_is_named(key, value, named):
