@@ -878,9 +878,9 @@ def load_chunk(connection, table: tuple[str, ...], chunk: Chunk, keep_unanswered
 MARK_LOADED, MARK_EMPTY, MARK_MISSING, MARK_PENDING = "#", "o", ".", " "
 
 
-def hour_ranges(hours: Sequence[datetime]) -> list[str]:
-    """Contiguous hours as `start..stop` ranges, e.g. 2021-07-12T10:00Z..2021-07-12T14:00Z."""
-    return [f"{iso(w.start)}..{iso(w.stop)}" if len(w.hours()) > 1 else iso(w.start) for w in chunked(hours, max_hours=10**6)]
+def runs(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
+    """Contiguous hours as (first, last) pairs."""
+    return [(w.start, w.stop - HOUR) for w in chunked(hours, max_hours=max(1, len(hours)))]
 
 
 def status_report(ledger: Mapping[datetime, tuple[int, datetime]], now: datetime, settings: Settings, days: int) -> tuple[str, int]:
@@ -903,14 +903,22 @@ def status_report(ledger: Mapping[datetime, tuple[int, datetime]], now: datetime
         )
         loaded = [h for h in hours if h in ledger]
         missing = [
-            f"{w.start.hour:02d}-{w.stop.hour - 1 if w.stop.hour else 23:02d}" if len(w.hours()) > 1 else f"{w.start.hour:02d}"
-            for w in chunked([h for h in hours if h not in ledger and h <= latest], 24)
+            f"{first.hour:02d}-{last.hour:02d}" if last > first else f"{first.hour:02d}"
+            for first, last in runs([h for h in hours if h not in ledger and h <= latest])
         ]
         line = f"  {day:%Y-%m-%d}  {marks}  {len(loaded):2d}/24 {sum(ledger[h][0] for h in loaded):7d} rows"
         lines.append(line + (f"  missing {','.join(missing)}" if missing else ""))
     gaps = missing_hours(complete_hours(now, settings.settle, settings.catch_up_hours), ledger)
     span = f"the last {settings.catch_up_hours} hours"
-    lines.append(f"missing in {span}: " + (", ".join(hour_ranges(gaps)) + f" ({len(gaps)} hours)" if gaps else "none"))
+    lines.append(
+        f"missing in {span}: "
+        + (
+            ", ".join(f"{iso(first)}..{iso(last + HOUR)}" if last > first else iso(first) for first, last in runs(gaps))
+            + f" ({len(gaps)} hours)"
+            if gaps
+            else "none"
+        )
+    )
     stale = not ledger or now - (max(ledger) + HOUR) > timedelta(hours=2)
     return "\n".join(lines), EXIT_FAILED if stale and latest not in ledger else EXIT_OK
 

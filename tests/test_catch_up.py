@@ -231,15 +231,15 @@ def test_status_report_text():
     )
     now = utc(2021, 7, 13, 3, 10)
     loaded_at = utc(2021, 7, 13, 2, 5)
-    book = {hour: (720, loaded_at) for hour in hours(utc(2021, 7, 12, 0), 27) if hour.hour not in (5, 6, 7)}
+    book = {hour: (720, loaded_at) for hour in hours(utc(2021, 7, 12, 0), 27) if hour.hour not in (5, 6, 7, 20)}
     book[utc(2021, 7, 12, 9)] = (0, loaded_at)
     text, code = hml.status_report(book, now, settings, days=2)
     assert text.splitlines() == [
         "newest loaded hour: 2021-07-13T02:00:00Z (720 rows), loaded 65 minutes ago",
         "last 2 days (UTC), one mark per hour: # loaded, o loaded but empty, . missing",
-        "  2021-07-12  #####...#o##############  21/24   14400 rows  missing 05-07",
+        "  2021-07-12  #####...#o##########.###  20/24   13680 rows  missing 05-07,20",
         "  2021-07-13  ###                        3/24    2160 rows",
-        "missing in the last 27 hours: 2021-07-12T05:00:00Z..2021-07-12T08:00:00Z (3 hours)",
+        "missing in the last 27 hours: 2021-07-12T05:00:00Z..2021-07-12T08:00:00Z, 2021-07-12T20:00:00Z (4 hours)",
     ]
     assert code == 0
 
