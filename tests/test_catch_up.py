@@ -25,7 +25,11 @@ def seed(influx, start, hours):
 
 
 def ledger(url: str) -> dict:
+    """hour -> rows recorded for the default table; empty if there is no ledger yet."""
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('loaded_hours') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return {}
         cursor.execute("SET TIME ZONE 'UTC'")
         cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'pox_five_second_mean' ORDER BY hour")
         return dict(cursor.fetchall())

@@ -17,6 +17,7 @@ from tests.conftest import ROOT, TOKEN, utc
 from tests.influxdb_emulator import Emulator, Fault
 from tests.pg_server import PASSWORD, free_port
 from tests.synthetic import expected_rows, line_protocol
+from tests.test_catch_up import ledger
 from tests.test_main import assert_rows, stored
 
 H13, H14 = utc(2021, 7, 12, 13), utc(2021, 7, 12, 14)
@@ -47,13 +48,7 @@ def error_line(err: str) -> str:
 
 
 def ledger_hours(url: str) -> list:
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('loaded_hours') IS NOT NULL")
-        if not cursor.fetchone()[0]:
-            return []
-        cursor.execute("SET TIME ZONE 'UTC'")
-        cursor.execute("SELECT hour FROM loaded_hours ORDER BY hour")
-        return [row[0] for row in cursor.fetchall()]
+    return list(ledger(url))
 
 
 def row_count(url: str) -> int:
