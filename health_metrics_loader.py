@@ -41,15 +41,18 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `--help` should not pay for it
+    from concurrent.futures import Future
+
     import pandas as pd
 
 log = logging.getLogger("health_metrics_loader")
@@ -67,7 +70,9 @@ class LoaderError(Exception):
     exit_code = EXIT_FAILED
 
 
-class ConfigError(LoaderError):
+class ConfigError(LoaderError, ValueError):
+    """Bad settings or arguments: exit 2, and a ValueError for callers such as schedulers."""
+
     exit_code = EXIT_USAGE
 
 
@@ -112,14 +117,17 @@ DEFAULTS = {
     "SETTLE_MINUTES": "2",
     "LOCK_TIMEOUT": "300",
     "RETRY_BUDGET": "180",
+    "RECHECK_HOURS": "6",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
+MAX_LOCK_TIMEOUT = 2147483  # PostgreSQL's lock_timeout is an int of milliseconds
 NUMBER_RULES = {  # setting: (the test its value must pass, what it must be)
     "QUERY_TIMEOUT": (lambda n: n > 0, "a positive number of seconds"),
     "CATCH_UP_HOURS": (lambda n: 1 <= n <= MAX_CATCH_UP_HOURS and n == int(n), f"a whole number from 1 to {MAX_CATCH_UP_HOURS}"),
     "SETTLE_MINUTES": (lambda n: 0 <= n <= 59, "a number of minutes from 0 to 59"),
-    "LOCK_TIMEOUT": (lambda n: n >= 0, "a number of seconds, 0 or more"),
+    "LOCK_TIMEOUT": (lambda n: 0 <= n <= MAX_LOCK_TIMEOUT, f"a number of seconds from 0 (do not wait) to {MAX_LOCK_TIMEOUT}"),
     "RETRY_BUDGET": (lambda n: n >= 0, "a number of seconds, 0 or more"),
+    "RECHECK_HOURS": (lambda n: 0 <= n <= MAX_CATCH_UP_HOURS and n == int(n), "a whole number from 0 to CATCH_UP_HOURS"),
 }
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 DURATION_PART = re.compile(r"(\d+)(ns|us|µs|ms|s|m|h)")
@@ -142,13 +150,19 @@ class Settings:
     settle: timedelta = timedelta(minutes=2)
     lock_timeout: float = 300.0
     retry_budget: float = 180.0
+    recheck_hours: int = 6
 
     def secrets(self) -> list[str]:
-        """Values that must never be printed."""
+        """Values that must never be printed, also as they look inside a URL."""
+        from urllib.parse import quote
+
         from sqlalchemy.engine import make_url
 
-        password = make_url(self.pg_url).password
-        return [s for s in (self.token, password) if s]
+        password = make_url(self.pg_url).password or ""
+        influx_password = self.token.partition(":")[2]  # TOKEN=user:password for InfluxDB 1.x
+        found = [self.token, password, influx_password]
+        found += [quote(s, safe="") for s in found]
+        return sorted({s for s in found if s}, key=len, reverse=True)
 
     def __repr__(self) -> str:  # a stray repr() in a log must not leak the token
         return f"Settings(influx_url={self.influx_url!r}, org={self.org!r}, table={self.table!r})"
@@ -173,7 +187,9 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         if any(ord(c) < 32 for c in values[name]):
             problems.append(f"{name} must not contain control characters")
     if duration_ns(values["AGGREGATE_EVERY"]) is None:
-        problems.append("AGGREGATE_EVERY must be a Flux duration from 1s to 1h, e.g. 5s or 1m")
+        problems.append(
+            "AGGREGATE_EVERY must be a duration from 1s to 1h that divides an hour evenly, e.g. 5s, 10s, 15s, 1m, 1m30s, 5m or 1h"
+        )
     table = tuple(values["PG_TABLE"].split("."))
     if len(table) > 2 or not all(IDENTIFIER.fullmatch(part) for part in table):
         problems.append("PG_TABLE must be a table name or schema.table (letters, digits, _)")
@@ -181,6 +197,10 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     for name, (fits, what) in NUMBER_RULES.items():
         if numbers[name] is None or not fits(numbers[name]):
             problems.append(f"{name} must be {what}")
+    if numbers["CATCH_UP_HOURS"] and not get["RECHECK_HOURS"]:  # the default never exceeds a short catch-up span
+        numbers["RECHECK_HOURS"] = min(numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"])
+    if None not in (numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"]) and numbers["RECHECK_HOURS"] > numbers["CATCH_UP_HOURS"]:
+        problems.append("RECHECK_HOURS must be a whole number from 0 to CATCH_UP_HOURS")
     if problems:
         hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
         raise ConfigError("; ".join(problems) + hint)
@@ -198,23 +218,32 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         settle=timedelta(minutes=numbers["SETTLE_MINUTES"]),
         lock_timeout=numbers["LOCK_TIMEOUT"],
         retry_budget=numbers["RETRY_BUDGET"],
+        recheck_hours=int(numbers["RECHECK_HOURS"]),
     )
 
 
 def number(text: str) -> float | None:
+    """A finite number, or None: `inf` and `nan` are not settings anyone means."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
 def duration_ns(text: str) -> int | None:
-    """Nanoseconds in a Flux duration like `5s` or `1m30s`, or None if it is not one."""
+    """Nanoseconds in a duration like `5s` or `1m30s` that divides an hour, or None.
+
+    Windows are aligned to the epoch and clipped at the query's range, so a width that does
+    not divide the hour would cut a reading's window differently in an hour's query and in
+    a day's, and a table loaded both ways would count it twice.
+    """
     parts = DURATION_PART.findall(text)
     if not parts or "".join(n + unit for n, unit in parts) != text:
         return None
     total = sum(int(n) * DURATION_NS[unit] for n, unit in parts)
-    return total if 10**9 <= total <= 3600 * 10**9 else None
+    hour = 3600 * 10**9
+    return total if 10**9 <= total <= hour and hour % total == 0 else None
 
 
 def postgres_url(text: str) -> str:
@@ -230,6 +259,8 @@ def postgres_url(text: str) -> str:
         url = make_url(text)
     except ArgumentError:
         raise ValueError("is not a URL like postgresql://user:password@host:5432/database") from None
+    if "@" in (url.host or "") or "@" in (url.username or ""):
+        raise ValueError("has more than one @ before the host: percent-encode an @ in the user or password as %40")
     if url.get_backend_name() not in ("postgresql", "postgres"):
         raise ValueError("must be a postgresql:// URL")
     if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
@@ -246,7 +277,13 @@ def read_env_files(paths: Iterable[Path]) -> dict[str, str]:
     merged: dict[str, str] = {}
     for path in reversed(list(paths)):
         if path.is_file():
-            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+            try:
+                values = dotenv_values(path, encoding="utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+            except OSError as exc:
+                raise ConfigError(f"cannot read {path} ({exc.strerror}): check its owner and mode") from None
+            merged.update({k: v for k, v in values.items() if v is not None})
     return merged
 
 
@@ -302,11 +339,11 @@ def parse_hour(text: str) -> datetime:
     """`2021-07-12T14`, `2021-07-12T14:00`, `2021-07-12T14:00:00Z`: always UTC, on the hour."""
     match = re.fullmatch(r"(\d{4}-\d{2}-\d{2})[T ](\d{2})(?::00(?::00)?)?(?:Z|\+00:?00)?", text.strip())
     if not match:
-        raise ValueError(f"{text!r} is not an hour like 2021-07-12T14 or 2021-07-12T14:00:00Z")
+        raise ConfigError(f"{text!r} is not an hour like 2021-07-12T14 or 2021-07-12T14:00:00Z")
     try:
         return datetime.strptime(f"{match[1]}T{match[2]}", "%Y-%m-%dT%H").replace(tzinfo=timezone.utc)
     except ValueError:
-        raise ValueError(f"{text!r} is not a valid date and hour") from None
+        raise ConfigError(f"{text!r} is not a valid date and hour") from None
 
 
 def chunked(hours: Sequence[datetime], max_hours: int = MAX_CHUNK_HOURS) -> list[Window]:
@@ -375,6 +412,8 @@ def split_blocks(body: bytes) -> list[Block]:
             row = next(csv.reader([lines.pop(0).decode()]))
             annotations[row[0]] = row[1:]
         if not lines:
+            if not text.endswith(b"\n\n"):
+                raise IncompleteAnswer("InfluxDB's answer ended early (cut off in a table's annotations)")
             raise SourceError("InfluxDB sent an annotation block without a header")
         header = next(csv.reader([lines[0].decode()]))[1:]
         if header[:2] == ["error", "reference"]:
@@ -435,10 +474,35 @@ def read_answer(body: bytes) -> pd.DataFrame:
 
 def clean(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows ready to store: `time` in UTC, sorted and unique, fields as floats."""
-    frame = frame.rename(columns={"_time": "time"})
+    frame = frame.rename(columns={"_time": "time", **column_names(list(frame.columns.drop("_time")))})
     frame = frame.sort_values("time", kind="stable", ignore_index=True)
     reject_repeated_times(frame)
     return blank_non_finite(frame)
+
+
+MAX_COLUMN_BYTES = 63  # PostgreSQL cuts longer names (NAMEDATALEN - 1)
+
+
+def column_name(field_key: str) -> str:
+    """The column PostgreSQL will make of a field's name: at most 63 bytes, whole characters."""
+    encoded = field_key.encode()
+    if len(encoded) <= MAX_COLUMN_BYTES:
+        return field_key
+    return encoded[:MAX_COLUMN_BYTES].decode(errors="ignore")
+
+
+def column_names(fields: Sequence[str]) -> dict[str, str]:
+    """Field -> column; two fields that would share a column (or take `time`) are a DataError."""
+    owners: dict[str, str] = {"time": "the time column"}
+    for field_key in fields:
+        column = column_name(field_key)
+        if column in owners:
+            raise DataError(
+                f"field {field_key!r} would be stored in column {column!r}, which {owners[column]} already takes: "
+                "rename the field in InfluxDB (PostgreSQL keeps 63 bytes of a name)"
+            )
+        owners[column] = f"field {field_key!r}"
+    return {f: column_name(f) for f in fields if column_name(f) != f}
 
 
 def reject_repeated_times(frame: pd.DataFrame) -> None:
@@ -455,13 +519,64 @@ def blank_non_finite(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.replace([math.inf, -math.inf], math.nan)
 
 
-def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
-    """How many rows belong to each hour; hour H holds the times in (H, H+1h]."""
+def hour_of(times: pd.Series) -> pd.Series:
+    """The hour each time belongs to: hour H holds the times in (H, H+1h]."""
     import pandas as pd
 
-    hours = (frame["time"] - pd.Timedelta(1, "us")).dt.floor("h").value_counts()
-    counts = {stamp.to_pydatetime(): int(n) for stamp, n in hours.items()}
+    return (times - pd.Timedelta(1, "us")).dt.floor("h")
+
+
+def per_hour(times: pd.Series, window: Window) -> dict[datetime, int]:
+    counts = {stamp.to_pydatetime(): int(n) for stamp, n in hour_of(times).value_counts().items()}
     return {hour: counts.get(hour, 0) for hour in window.hours()}
+
+
+def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
+    """How many rows belong to each hour of the window."""
+    return per_hour(frame["time"], window)
+
+
+@dataclass(frozen=True)
+class HourCheck:
+    """One hour of InfluxDB's answer compared with the rows the table holds."""
+
+    answered: int  # rows in InfluxDB's answer
+    stored: int  # rows in the table
+    missing: int = 0  # answered times the table lacks
+    changed: int = 0  # times whose values differ, or that the table holds more than once
+    kept: int = 0  # stored times the answer lacks: InfluxDB forgot or deleted them
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.missing or self.changed)
+
+
+def compare_hours(answer: pd.DataFrame, stored: pd.DataFrame, window: Window, rel_tol: float = 1e-9) -> dict[datetime, HourCheck]:
+    """Each hour of the window: how the stored rows differ from the answer's.
+
+    A field that one side lacks counts as NULL there; NULL equals NULL.
+    """
+    import numpy as np
+
+    fields = sorted((set(answer.columns) | set(stored.columns)) - {"time"})
+    ours, theirs = (f.reindex(columns=["time", *fields]).astype({"time": "datetime64[us, UTC]"}) for f in (answer, stored))
+    both = ours.merge(theirs.drop_duplicates("time"), on="time", how="outer", suffixes=("", " stored"), indicator=True)
+    differs = np.zeros(len(both), dtype=bool)
+    for name in fields:
+        a, b = both[name].to_numpy("float64"), both[name + " stored"].to_numpy("float64")
+        differs |= ~((np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=rel_tol, atol=0.0))
+    side = both["_merge"]
+    counts = {
+        "answered": per_hour(ours["time"], window),
+        "stored": per_hour(theirs["time"], window),
+        "missing": per_hour(both["time"][side == "left_only"], window),
+        "changed": per_hour(both["time"][(side == "both") & differs], window),
+        "kept": per_hour(both["time"][side == "right_only"], window),
+        "repeated": per_hour(theirs["time"][theirs["time"].duplicated()], window),
+    }
+    repeated = counts.pop("repeated")
+    counts["changed"] = {hour: n + repeated[hour] for hour, n in counts["changed"].items()}
+    return {hour: HourCheck(**{name: per[hour] for name, per in counts.items()}) for hour in window.hours()}
 
 
 # -- I/O edges: InfluxDB --------------------------------------------------------------
@@ -482,19 +597,29 @@ def connect_influx(settings: Settings):
 
 @dataclass
 class Retrier:
-    """Bounded, jittered exponential backoff; one budget of waiting for a whole run."""
+    """Bounded, jittered exponential backoff; one budget of waiting for a whole run.
+
+    Both the waiting and the tries are bounded: a server that answers `Retry-After: 0`
+    forever must not keep a run (and its lock) spinning. `stop()` ends a pending wait.
+    """
 
     budget: float
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] | None = None
     jitter: Callable[[], float] = random.random
     base: float = 1.0
     cap: float = 60.0
+    floor: float = 0.5
+    max_tries: int = 10
     spent: float = 0.0
+    stopped: threading.Event = field(default_factory=threading.Event)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return retry_after
-        return min(self.cap, self.base * 2**attempt) * (0.5 + self.jitter() / 2)
+            return max(self.floor, retry_after)
+        return max(self.floor, min(self.cap, self.base * 2**attempt) * (0.5 + self.jitter() / 2))
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def call(self, action: Callable[[], T]) -> T:
         attempt = 0
@@ -502,14 +627,23 @@ class Retrier:
             try:
                 return action()
             except TransientSourceError as exc:
+                tries = f"{attempt + 1} tries" if attempt else "1 try"
                 delay = self.delay(attempt, exc.retry_after)
+                if exc.retry_after is not None and exc.retry_after > self.budget - self.spent:
+                    raise SourceError(
+                        f"{exc}; gave up after {tries}: InfluxDB asked to wait {exc.retry_after:g}s, "
+                        f"more than is left of RETRY_BUDGET {self.budget:g}s"
+                    ) from None
                 if self.spent + delay > self.budget:
-                    tries = f"{attempt + 1} tries" if attempt else "1 try"
                     raise SourceError(f"{exc}; gave up after {tries} (RETRY_BUDGET {self.budget:g}s)") from None
+                if attempt + 1 >= self.max_tries:
+                    raise SourceError(f"{exc}; gave up after {tries}") from None
                 attempt += 1
                 log.warning("%s; retry %d in %.1fs", exc, attempt, delay)
-                self.sleep(delay)
+                (self.sleep or self.stopped.wait)(delay)
                 self.spent += delay
+                if self.stopped.is_set():
+                    raise SourceError(f"{exc}; the run ended before a retry") from None
 
 
 def fetch_answer(query_api, settings: Settings, query: str) -> bytes:
@@ -607,6 +741,17 @@ def qualified(table: tuple[str, ...]) -> str:
     return ".".join(quote_ident(part) for part in table)
 
 
+SESSION_DEFAULTS = {  # PG_CONNECT's own options win over these
+    "application_name": "health_metrics_loader",  # pg_stat_activity then says who holds the lock
+    # A client whose network vanished would otherwise keep its session, and the lock, until
+    # the kernel gives up on the connection: hours, during which every cron call steps aside.
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
 def connect_postgres(settings: Settings):
     """A psycopg2 connection with its session pinned to UTC."""
     import psycopg2
@@ -615,7 +760,7 @@ def connect_postgres(settings: Settings):
     # SQLAlchemy reads the URL, query options such as sslmode included; psycopg2 connects.
     # (Loading SQLAlchemy's PostgreSQL dialect just for this would cost the hourly call 50 ms.)
     url = make_url(settings.pg_url)
-    params = {**url.translate_connect_args(username="user", database="dbname"), **url.query}
+    params = {**SESSION_DEFAULTS, **url.translate_connect_args(username="user", database="dbname"), **url.query}
     try:
         connection = psycopg2.connect(**params)
     except psycopg2.Error as exc:
@@ -666,11 +811,11 @@ def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> dict[
         return {"time": "timestamp with time zone", **dict.fromkeys(fields, "double precision")}
     if "time" not in columns:
         raise DataError(f"table {'.'.join(table)} has no time column; set PG_TABLE to another table")
-    for field in fields:
-        if field not in columns:
-            log.info("new field %s: adding a column to %s", field, ".".join(table))
-            cursor.execute(f"ALTER TABLE {qualified(table)} ADD COLUMN {quote_ident(field)} double precision")
-            columns[field] = "double precision"
+    for name in fields:
+        if name not in columns:
+            log.info("new field %s: adding a column to %s", name, ".".join(table))
+            cursor.execute(f"ALTER TABLE {qualified(table)} ADD COLUMN {quote_ident(name)} double precision")
+            columns[name] = "double precision"
     return columns
 
 
@@ -736,45 +881,115 @@ def copy_rows(cursor, table: tuple[str, ...], columns: Sequence[str], data: byte
 LEDGER = "loaded_hours"
 
 
+class LedgerEntry(NamedTuple):
+    rows: int
+    loaded_at: datetime  # when the hour's rows were last written
+    checked_at: datetime | None = None  # when they were last compared with InfluxDB
+    repaired_at: datetime | None = None  # when a load last changed an hour already recorded
+
+
 def ledger_of(table: tuple[str, ...]) -> tuple[str, ...]:
     """The ledger lives in the target table's schema."""
     return (*table[:-1], LEDGER)
 
 
+def ledger_key(table: tuple[str, ...]) -> str:
+    return ".".join(table)
+
+
+def resolve_table(connection, table: tuple[str, ...]) -> tuple[str, str]:
+    """(schema, table) as PostgreSQL resolves PG_TABLE: `x` and `public.x` get one lock and one ledger."""
+    if len(table) == 2:
+        return table  # type: ignore[return-value]
+    with database_errors(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.oid = to_regclass(%s)), current_schema())",
+            (qualified(table),),
+        )
+        schema = cursor.fetchone()[0]
+    connection.rollback()
+    if schema is None:
+        raise ConfigError("PostgreSQL's search_path names no schema for PG_TABLE: set PG_TABLE to schema.table")
+    return (schema, table[-1])
+
+
 def ensure_ledger(cursor, table: tuple[str, ...]) -> None:
+    """Create the ledger, or bring an older one up to date."""
+    ledger = qualified(ledger_of(table))
     cursor.execute(
-        f"CREATE TABLE IF NOT EXISTS {qualified(ledger_of(table))} ("
+        f"CREATE TABLE IF NOT EXISTS {ledger} ("
         " target_table text NOT NULL, hour timestamptz NOT NULL, rows integer NOT NULL,"
-        " loaded_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target_table, hour))"
+        " loaded_at timestamptz NOT NULL DEFAULT now(), checked_at timestamptz, repaired_at timestamptz,"
+        " PRIMARY KEY (target_table, hour))"
     )
+    columns = table_columns(cursor, ledger_of(table))
+    for column in ("checked_at", "repaired_at"):
+        if column not in columns:
+            cursor.execute(f"ALTER TABLE {ledger} ADD COLUMN {column} timestamptz")
+    if len(table) == 2:  # earlier versions keyed the ledger by PG_TABLE as it was spelt
+        cursor.execute(
+            f"UPDATE {ledger} old SET target_table = %s WHERE target_table = %s"
+            f" AND NOT EXISTS (SELECT 1 FROM {ledger} new WHERE new.target_table = %s AND new.hour = old.hour)",
+            (ledger_key(table), table[-1], ledger_key(table)),
+        )
 
 
-def extract_ledger(connection, table: tuple[str, ...], since: datetime) -> dict[datetime, tuple[int, datetime]]:
-    """Hours from `since` on that the ledger records: hour -> (rows, loaded_at)."""
+def extract_ledger(connection, table: tuple[str, ...], since: datetime | None) -> dict[datetime, LedgerEntry]:
+    """Hours from `since` on (or only the newest, for None) that the ledger records."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT to_regclass(%s)", (qualified(ledger_of(table)),))
         if cursor.fetchone()[0] is None:
             connection.rollback()
             return {}
-        cursor.execute(
-            f"SELECT hour, rows, loaded_at FROM {qualified(ledger_of(table))} WHERE target_table = %s AND hour >= %s",
-            (".".join(table), since),
-        )
-        found = {hour: (rows, loaded_at) for hour, rows, loaded_at in cursor.fetchall()}
+        ledger, key = qualified(ledger_of(table)), ledger_key(table)
+        columns = table_columns(cursor, ledger_of(table))
+        extra = ", ".join(c if c in columns else "NULL::timestamptz" for c in ("checked_at", "repaired_at"))
+        if since is None:
+            where, params = f"hour = (SELECT max(hour) FROM {ledger} WHERE target_table = %s)", (key, key)
+        else:
+            where, params = "hour >= %s", (key, since)
+        cursor.execute(f"SELECT hour, rows, loaded_at, {extra} FROM {ledger} WHERE target_table = %s AND {where}", params)
+        found = {row[0]: LedgerEntry(*row[1:]) for row in cursor.fetchall()}
     connection.rollback()
     return found
 
 
-def record_hours(cursor, table: tuple[str, ...], counts: Mapping[datetime, int], loaded_at: datetime | None) -> None:
+def record_hours(
+    cursor,
+    table: tuple[str, ...],
+    counts: Mapping[datetime, int],
+    rewritten: Iterable[datetime],
+    when: datetime,
+    checking: bool = False,
+) -> None:
+    """Note each hour's rows. `loaded_at` moves only for hours whose rows were written, and
+    `repaired_at` for those among them that were recorded before; `checked_at` with `checking`."""
     from psycopg2.extras import execute_values
 
-    execute_values(
-        cursor,
-        f"INSERT INTO {qualified(ledger_of(table))} (target_table, hour, rows, loaded_at) VALUES %s"
-        " ON CONFLICT (target_table, hour) DO UPDATE SET rows = EXCLUDED.rows, loaded_at = EXCLUDED.loaded_at",
-        [(".".join(table), hour, rows, loaded_at) for hour, rows in counts.items()],
-        template="(%s, %s, %s, coalesce(%s::timestamptz, now()))",
-    )
+    rewritten = set(rewritten)
+    checked = when if checking else None
+    for written in (True, False):
+        update = ", loaded_at = EXCLUDED.loaded_at, repaired_at = EXCLUDED.loaded_at" if written else ""
+        hours = [(ledger_key(table), hour, rows, when, checked) for hour, rows in counts.items() if (hour in rewritten) == written]
+        if hours:
+            execute_values(
+                cursor,
+                f"INSERT INTO {qualified(ledger_of(table))} AS ledger (target_table, hour, rows, loaded_at, checked_at) VALUES %s"
+                " ON CONFLICT (target_table, hour) DO UPDATE SET rows = EXCLUDED.rows,"
+                f" checked_at = coalesce(EXCLUDED.checked_at, ledger.checked_at){update}",
+                hours,
+            )
+
+
+def record_checked(cursor, table: tuple[str, ...], hours: Sequence[datetime], when: datetime) -> None:
+    """Note when recorded hours were last compared with InfluxDB; their rows stay untouched."""
+    cursor.execute("SELECT to_regclass(%s)", (qualified(ledger_of(table)),))
+    if cursor.fetchone()[0] is not None:
+        cursor.execute(
+            f"UPDATE {qualified(ledger_of(table))} SET checked_at = %s WHERE target_table = %s AND hour = ANY(%s::timestamptz[])",
+            (when, ledger_key(table), list(hours)),
+        )
 
 
 class LockBusy(LoaderError):
@@ -782,18 +997,21 @@ class LockBusy(LoaderError):
 
 
 def acquire_lock(connection, table: tuple[str, ...], wait: float | None) -> None:
-    """Hold the table's advisory lock for the session; `wait=None` does not wait at all."""
+    """Hold the table's advisory lock for the session; `wait=None` steps aside, `wait=0` fails at once."""
     import psycopg2.errors
 
-    key = f"health_metrics_loader:{'.'.join(table)}"
-    name = ".".join(table)
+    key = f"health_metrics_loader:{ledger_key(table)}"
+    name = ledger_key(table)
     with connection.cursor() as cursor:
-        if wait is None:
+        if not wait:
             cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
             if not cursor.fetchone()[0]:
                 connection.rollback()
-                raise LockBusy(f"another run is loading {name}; it will catch up, so this one stops here")
+                if wait is None:
+                    raise LockBusy(f"another run is loading {name}; it will catch up, so this one stops here")
+                raise DatabaseError(f"another run is loading {name}, and LOCK_TIMEOUT is 0; try again later")
         else:
+            log.debug("waiting up to %gs for the lock on %s", wait, name)
             cursor.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait * 1000)}ms",))
             try:
                 cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
@@ -803,57 +1021,94 @@ def acquire_lock(connection, table: tuple[str, ...], wait: float | None) -> None
     connection.commit()
 
 
-def stored_rows_per_hour(cursor, table: tuple[str, ...], window: Window) -> dict[datetime, int]:
-    cursor.execute(
-        "SELECT date_trunc('hour', time::timestamptz - interval '1 microsecond'), count(*)"
-        f" FROM {qualified(table)} WHERE time > %s AND time <= %s GROUP BY 1",
+def is_numeric_column(kind: str) -> bool:
+    return kind in ("double precision", "real", "integer", "bigint", "smallint") or kind.startswith("numeric")
+
+
+def extract_stored(cursor, table: tuple[str, ...], columns: Mapping[str, str], window: Window) -> pd.DataFrame:
+    """The table's rows in the window: `time`, then each numeric column as floats."""
+    import pandas as pd
+
+    fields = [c for c, kind in columns.items() if c != "time" and is_numeric_column(kind)]
+    # Microseconds since the epoch as an integer: the quickest exact form to read back.
+    select = ", ".join(["(extract(epoch FROM time::timestamptz) * 1000000)::bigint", *(f"{quote_ident(f)}::float8" for f in fields)])
+    query = cursor.mogrify(
+        f"COPY (SELECT {select} FROM {qualified(table)} WHERE time > %s AND time <= %s) TO STDOUT WITH (FORMAT csv)",
         (window.start, window.stop),
     )
-    return dict(cursor.fetchall())
+    out = io.BytesIO()
+    cursor.copy_expert(query.decode(), out)
+    types = {"time": "int64", **dict.fromkeys(fields, "float64")}
+    if out.tell():
+        frame = pd.read_csv(io.BytesIO(out.getvalue()), header=None, names=list(types), dtype=types, keep_default_na=False, na_values=[""])
+    else:
+        frame = pd.DataFrame({name: pd.Series([], dtype=kind) for name, kind in types.items()})
+    frame["time"] = pd.to_datetime(frame["time"], unit="us", utc=True)
+    return frame
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A window's rows ready to store: the frame, its rows per hour, and (if it has no
-    empty cell) its binary COPY data."""
+    """A window's rows ready to store: the frame and (if it has no empty cell) its binary COPY data."""
 
     window: Window
     frame: pd.DataFrame
-    counts: dict[datetime, int]
     binary: bytes | None
 
 
 def prepare_chunk(frame: pd.DataFrame, window: Window) -> Chunk:
-    return Chunk(window, frame, rows_per_hour(frame, window), copy_binary(frame))
+    return Chunk(window, frame, copy_binary(frame))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a load found and did: each hour compared, the hours rewritten, the rows written."""
+
+    checks: dict[datetime, HourCheck]
+    rewritten: list[datetime]
+    rows: int
 
 
 def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window, **options) -> int:
-    """Replace the window's rows with `frame` and record its hours, in one transaction."""
-    return load_chunk(connection, table, prepare_chunk(frame, window), **options)
+    """Bring the window's rows in line with `frame` and record its hours; returns rows written."""
+    with database_errors(), connection.cursor() as cursor:
+        ensure_ledger(cursor, table)
+    connection.commit()
+    return load_chunk(connection, table, prepare_chunk(frame, window), **options).rows
 
 
-def load_chunk(connection, table: tuple[str, ...], chunk: Chunk, keep_unanswered: bool = False, loaded_at: datetime | None = None) -> int:
-    """Replace the chunk's window in the table and record its hours, in one transaction.
+def load_chunk(
+    connection,
+    table: tuple[str, ...],
+    chunk: Chunk,
+    replace: bool = False,
+    when: datetime | None = None,
+    write: bool = True,
+    checking: bool = False,
+) -> Loaded:
+    """Compare the chunk's hours with the table and rewrite those that differ, in one transaction.
 
-    With `keep_unanswered`, an hour that InfluxDB answered with no data but that the table
-    already holds rows for keeps them: InfluxDB may have forgotten it (retention), or a
-    setting may point at the wrong measurement; either way, deleting would lose data.
+    A stored row whose time InfluxDB's answer lacks stays, unless `replace`: InfluxDB may
+    have forgotten it (retention), and then this table is the only copy left. With
+    `write=False` nothing but the ledger's `checked_at` changes; `checking` (a verify or a
+    repair) notes that time in the ledger.
     """
     window, frame = chunk.window, chunk.frame
+    when = when or datetime.now(timezone.utc)
     try:
         with connection.cursor() as cursor:
-            types = ensure_table(cursor, table, list(frame.columns.drop("time")))
-            kept = {}
-            if keep_unanswered:
-                stored = stored_rows_per_hour(cursor, table, window)
-                kept = {hour: stored[hour] for hour, rows in chunk.counts.items() if rows == 0 and stored.get(hour)}
-            for part in chunked([hour for hour in window.hours() if hour not in kept]):
-                cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
-            if len(frame):
-                binary = chunk.binary is not None and all(types[c] in BINARY_TYPES for c in frame.columns)
-                copy_rows(cursor, table, list(frame.columns), chunk.binary if binary else copy_text(frame), binary)
-            ensure_ledger(cursor, table)
-            record_hours(cursor, table, {**chunk.counts, **kept}, loaded_at)
+            fields = list(frame.columns.drop("time"))
+            types = ensure_table(cursor, table, fields) if write else table_columns(cursor, table)
+            stored = extract_stored(cursor, table, types, window) if types else frame.iloc[:0]
+            checks = compare_hours(frame, stored, window)
+            rewritten = [hour for hour, check in checks.items() if check.differs or (replace and check.kept)]
+            rows = 0
+            if write:
+                rows = rewrite_hours(cursor, table, chunk, types, {hour: checks[hour] for hour in rewritten}, replace)
+                counts = {hour: check.answered + (0 if replace else check.kept) for hour, check in checks.items()}
+                record_hours(cursor, table, counts, rewritten, when, checking)
+            else:
+                record_checked(cursor, table, list(checks), when)
         connection.commit()
     except LoaderError:
         connection.rollback()
@@ -867,11 +1122,32 @@ def load_chunk(connection, table: tuple[str, ...], chunk: Chunk, keep_unanswered
             with suppress(psycopg2.Error):
                 connection.rollback()
         raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
-    for hour, rows in kept.items():
-        log.warning(
-            "InfluxDB has no data for %s, which holds %d rows; kept them (--hour %s replaces them)", iso(hour), rows, iso(hour)[:13]
+    return Loaded(checks, rewritten, rows)
+
+
+def rewrite_hours(
+    cursor, table: tuple[str, ...], chunk: Chunk, types: Mapping[str, str], hours: Mapping[datetime, HourCheck], replace: bool
+) -> int:
+    """Delete the hours' rows and COPY InfluxDB's; returns rows written.
+
+    An hour with rows the answer lacks loses only the rows at the answer's times.
+    """
+    frame = chunk.frame
+    hour_of_row = hour_of(frame["time"])
+    careful = [hour for hour, check in hours.items() if check.kept and not replace]
+    for part in chunked([hour for hour in hours if hour not in careful]):
+        cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
+    for hour in careful:
+        times = list(frame["time"][hour_of_row == hour].dt.to_pydatetime())
+        cursor.execute(
+            f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s AND time = ANY(%s::timestamptz[])", (hour, hour + HOUR, times)
         )
-    return len(frame)
+    rows = frame[hour_of_row.isin(list(hours))]
+    if len(rows):
+        binary = chunk.binary if len(rows) == len(frame) else copy_binary(rows)
+        as_binary = binary is not None and all(types[c] in BINARY_TYPES for c in rows.columns)
+        copy_rows(cursor, table, list(rows.columns), binary if as_binary else copy_text(rows), as_binary)
+    return len(rows)
 
 
 # -- Status ------------------------------------------------------------------------------
@@ -883,31 +1159,29 @@ def runs(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
     return [(w.start, w.stop - HOUR) for w in chunked(hours, max_hours=max(1, len(hours)))]
 
 
-def status_report(ledger: Mapping[datetime, tuple[int, datetime]], now: datetime, settings: Settings, days: int) -> tuple[str, int]:
-    """The text of `--status` and its exit code: 1 when the newest loaded hour is over 2 hours old."""
+def status_report(
+    ledger: Mapping[datetime, LedgerEntry],
+    now: datetime,
+    settings: Settings,
+    days: int,
+    newest: Mapping[datetime, LedgerEntry] | None = None,
+) -> tuple[str, int]:
+    """The text of `--status` and its exit code: 1 when the newest loaded hour is over 2 hours old.
+
+    `newest` is the ledger's newest hour, which may be older than the days shown.
+    """
     latest = latest_complete_hour(now, settings.settle)
+    newest = dict(newest or {}) or ({max(ledger): ledger[max(ledger)]} if ledger else {})
     lines = []
-    if ledger:
-        newest = max(ledger)
-        rows, loaded_at = ledger[newest]
-        lines.append(f"newest loaded hour: {iso(newest)} ({rows} rows), loaded {ago(now - loaded_at)} ago")
+    if newest:
+        (hour, entry), *_ = newest.items()
+        lines.append(f"newest loaded hour: {iso(hour)} ({entry.rows} rows), loaded {ago(now - entry.loaded_at)} ago")
     else:
         lines.append("newest loaded hour: none yet")
     lines.append(f"last {days} days (UTC), one mark per hour: {MARK_LOADED} loaded, {MARK_EMPTY} loaded but empty, {MARK_MISSING} missing")
     today = hour_floor(now).replace(hour=0)
     for day in (today - timedelta(days=d) for d in reversed(range(days))):
-        hours = [day + h * HOUR for h in range(24)]
-        marks = "".join(
-            MARK_PENDING if hour > latest else MARK_MISSING if hour not in ledger else MARK_LOADED if ledger[hour][0] else MARK_EMPTY
-            for hour in hours
-        )
-        loaded = [h for h in hours if h in ledger]
-        missing = [
-            f"{first.hour:02d}-{last.hour:02d}" if last > first else f"{first.hour:02d}"
-            for first, last in runs([h for h in hours if h not in ledger and h <= latest])
-        ]
-        line = f"  {day:%Y-%m-%d}  {marks}  {len(loaded):2d}/24 {sum(ledger[h][0] for h in loaded):7d} rows"
-        lines.append(line + (f"  missing {','.join(missing)}" if missing else ""))
+        lines.append(day_line(ledger, day, latest))
     gaps = missing_hours(complete_hours(now, settings.settle, settings.catch_up_hours), ledger)
     span = f"the last {settings.catch_up_hours} hours"
     lines.append(
@@ -919,14 +1193,40 @@ def status_report(ledger: Mapping[datetime, tuple[int, datetime]], now: datetime
             else "none"
         )
     )
-    stale = not ledger or now - (max(ledger) + HOUR) > timedelta(hours=2)
+    stale = not newest or now - (max(newest) + HOUR) > timedelta(hours=2)
     return "\n".join(lines), EXIT_FAILED if stale and latest not in ledger else EXIT_OK
+
+
+def day_line(ledger: Mapping[datetime, LedgerEntry], day: datetime, latest: datetime) -> str:
+    """One day of `--status`: a mark per hour, totals, gaps, and the last check and repairs."""
+    hours = [day + h * HOUR for h in range(24)]
+    marks = "".join(
+        MARK_PENDING if hour > latest else MARK_MISSING if hour not in ledger else MARK_LOADED if ledger[hour].rows else MARK_EMPTY
+        for hour in hours
+    )
+    loaded = [ledger[h] for h in hours if h in ledger]
+    missing = [
+        f"{first.hour:02d}-{last.hour:02d}" if last > first else f"{first.hour:02d}"
+        for first, last in runs([h for h in hours if h not in ledger and h <= latest])
+    ]
+    checked = [e.checked_at for e in loaded if e.checked_at]
+    repaired = sum(1 for e in loaded if e.repaired_at)
+    notes = [
+        *([f"missing {','.join(missing)}"] if missing else []),
+        *([f"checked {iso(max(checked))}"] if checked else []),
+        *([f"{repaired} repaired"] if repaired else []),
+    ]
+    return f"  {day:%Y-%m-%d}  {marks}  {len(loaded):2d}/24 {sum(e.rows for e in loaded):7d} rows" + "".join(f"  {n}" for n in notes)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def ago(delta: timedelta) -> str:
     minutes = max(0, int(delta.total_seconds() // 60))
     count, unit = (minutes, "minute") if minutes < 120 else (minutes // 60, "hour") if minutes < 48 * 60 else (minutes // 1440, "day")
-    return f"{count} {unit}{'' if count == 1 else 's'}"
+    return plural(count, unit)
 
 
 # -- Command line ------------------------------------------------------------------------
@@ -935,16 +1235,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="health_metrics_loader.py",
         description="Copy 5-second means of pulse-oximeter readings from InfluxDB into PostgreSQL. "
         "With no arguments (the cron call), load every complete UTC hour of the last CATCH_UP_HOURS "
-        "that is not loaded yet, which is usually just the previous hour.",
-        epilog="Exit codes: 0 success, 1 the run failed, 2 bad arguments or settings.",
+        "that is not loaded yet, which is usually just the previous hour, and re-check the "
+        "RECHECK_HOURS before it for late points. A load never removes a stored row that "
+        "InfluxDB's answer does not replace.",
+        epilog="Exit codes: 0 success, 1 the run failed (or --verify found missing or changed rows), 2 bad arguments or settings.",
     )
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--hour", metavar="HOUR", help="load one UTC hour, e.g. 2021-07-12T14, replacing its rows")
-    what.add_argument("--from", dest="start", metavar="HOUR", help="load every hour from this one (needs --to)")
-    what.add_argument("--status", action="store_true", help="show which hours are loaded; exit 1 if the newest is over 2 hours old")
+    hours = parser.add_mutually_exclusive_group()
+    hours.add_argument("--hour", metavar="HOUR", help="load one UTC hour, e.g. 2021-07-12T14")
+    hours.add_argument("--from", dest="start", metavar="HOUR", help="load every hour from this one (needs --to)")
     parser.add_argument("--to", dest="stop", metavar="HOUR", help="... up to, not including, this one")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the hours (default: the last CATCH_UP_HOURS) with InfluxDB; exit 1 if rows are missing or changed",
+    )
+    action.add_argument("--repair", action="store_true", help="compare like --verify, then reload the hours that differ")
+    action.add_argument("--status", action="store_true", help="show which hours are loaded; exit 1 if the newest is over 2 hours old")
+    parser.add_argument("--replace", action="store_true", help="make the hours exactly InfluxDB's answer, dropping rows it no longer has")
     parser.add_argument("--days", type=int, default=7, metavar="N", help="days that --status shows (default 7)")
-    parser.add_argument("--dry-run", action="store_true", help="query and report rows per hour; write nothing")
+    parser.add_argument("--dry-run", action="store_true", help="query and report; write nothing")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log more")
     loudness.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
@@ -953,27 +1263,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--from and --to go together")
     if not 1 <= args.days <= 366:
         parser.error("--days must be from 1 to 366")
+    if args.status and (args.hour or args.start or args.replace or args.dry_run):
+        parser.error("--status takes no hours, --replace or --dry-run")
+    if args.replace and (args.verify or not (args.hour or args.start or args.repair)):
+        parser.error("--replace goes with --hour, --from/--to or --repair")
     return args
 
 
-def requested_windows(args: argparse.Namespace, now: datetime, settle: timedelta) -> list[Window] | None:
-    """The windows that --hour or --from/--to ask for; None for the cron call, which asks the ledger."""
+def requested_hours(args: argparse.Namespace, now: datetime, settings: Settings) -> list[datetime] | None:
+    """The hours that --hour, --from/--to, --verify or --repair ask for; None for the cron call."""
     if args.hour:
         hours = [parse_hour(args.hour)]
     elif args.start:
         start, stop = parse_hour(args.start), parse_hour(args.stop)
         if stop <= start:
-            raise ValueError("--to must be after --from")
+            raise ConfigError("--to must be after --from")
         hours = Window(start, stop).hours()
+    elif args.verify or args.repair:
+        return complete_hours(now, settings.settle, settings.catch_up_hours)
     else:
         return None
+    refuse_incomplete(hours[-1], now, settings.settle)
+    return hours
+
+
+def refuse_incomplete(hour: datetime, now: datetime, settle: timedelta) -> None:
     latest = latest_complete_hour(now, settle)
-    if hours[-1] > latest:
-        raise ValueError(
-            f"hour {iso(hours[-1])} is not complete yet: an hour counts as complete SETTLE_MINUTES "
+    if hour > latest:
+        raise ConfigError(
+            f"hour {iso(hour)} is not complete yet: an hour counts as complete SETTLE_MINUTES "
             f"({settle.total_seconds() / 60:g}) after it ends; the latest complete hour is {iso(latest)}"
         )
-    return chunked(hours)
 
 
 def configure_logging(args: argparse.Namespace, secrets: Sequence[str]) -> None:
@@ -985,16 +1305,23 @@ def configure_logging(args: argparse.Namespace, secrets: Sequence[str]) -> None:
     log.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
 
 
+SHORT_SECRET = 8
+
+
 class Redactor(logging.Filter):
-    """Masks secrets in every log line, whatever put them there."""
+    """Masks secrets in every log line, whatever put them there.
+
+    A long secret is masked wherever it appears. A short one is masked only where it stands
+    on its own, so that TOKEN=t hides `t` but does not turn "did not answer" into "did no***".
+    """
 
     def __init__(self, secrets: Sequence[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        self.patterns = [secret_pattern(s) for s in sorted({s for s in secrets if s}, key=len, reverse=True)]
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
+        for pattern in self.patterns:
+            text = pattern.sub("***", text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -1002,43 +1329,200 @@ class Redactor(logging.Filter):
         return True
 
 
-def catch_up_windows(connection, settings: Settings, now: datetime) -> list[Window]:
-    """The complete hours of the catch-up span that the ledger lacks, as chunks."""
+def secret_pattern(secret: str) -> re.Pattern[str]:
+    if len(secret) >= SHORT_SECRET:
+        return re.compile(re.escape(secret))
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])")
+
+
+# -- Running -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """What a run does: which hours (None: what the ledger lacks), and how.
+
+    mode: `load` (bring hours in line with InfluxDB), `verify` (compare only), `repair`
+    (compare, report, and load), or `preview` (compare and report, as --repair --dry-run).
+    """
+
+    hours: Sequence[datetime] | None = None
+    mode: str = "load"
+    replace: bool = False  # drop stored rows that InfluxDB's answer lacks
+
+    @property
+    def write(self) -> bool:
+        return self.mode in ("load", "repair")
+
+    @property
+    def checking(self) -> bool:
+        """Whether the run notes in the ledger when it compared the hours."""
+        return self.mode in ("verify", "repair")
+
+
+class HoursFailed(LoaderError):
+    """Some hours could not be loaded; the others were."""
+
+    def __init__(self, failures: Mapping[datetime, str]) -> None:
+        super().__init__("\n".join(f"{iso(hour)} was not loaded: {reason}" for hour, reason in sorted(failures.items())))
+
+
+def catch_up_windows(connection, settings: Settings, table: tuple[str, ...], now: datetime) -> list[Window]:
+    """The complete hours of the catch-up span that the ledger lacks, as chunks.
+
+    When there is something to load, the RECHECK_HOURS before it come along in the same
+    query, so that points that arrived late are picked up at no extra query.
+    """
     candidates = complete_hours(now, settings.settle, settings.catch_up_hours)
-    return chunked(missing_hours(candidates, extract_ledger(connection, settings.table, candidates[0])))
+    ledger = extract_ledger(connection, table, candidates[0])
+    missing = missing_hours(candidates, ledger)
+    if not missing or not settings.recheck_hours:
+        return chunked(missing)
+    recent = [hour for hour in candidates[-settings.recheck_hours - 1 :] if hour in ledger]
+    return chunked([*missing, *recent])
+
+
+def in_background(action: Callable[..., T], *args) -> Future:
+    """Run `action` on a daemon thread: a run that fails must not wait for it to finish."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(action(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=work, daemon=True).start()
+    return future
 
 
 def load_windows(
     settings: Settings,
     connection,
+    table: tuple[str, ...],
     query_api,
     windows: Sequence[Window],
     retrier: Retrier,
-    catching_up: bool = False,
-    now: datetime | None = None,
-) -> int:
-    """Extract and load each window, oldest first; a failure stops the run.
+    plan: Plan,
+    now: datetime,
+) -> list[Loaded]:
+    """Extract and load each window, oldest first.
 
     A second thread fetches and prepares the next window while PostgreSQL takes the
-    current one, so a backfill costs little more than its COPYs.
+    current one, so a backfill costs little more than its COPYs. A window whose data
+    cannot be stored is loaded hour by hour, so that one bad hour holds back no other;
+    a failure of either server stops the run.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     def prepare(window: Window) -> Chunk:
         return prepare_chunk(extract_frame(query_api, settings, window, retrier), window)
 
-    total = 0
-    with ThreadPoolExecutor(max_workers=1) as worker:
-        upcoming = worker.submit(prepare, windows[0])
+    def load(chunk: Chunk, started: float) -> None:
+        loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking))
+        report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
+
+    loaded: list[Loaded] = []
+    failures: dict[datetime, str] = {}
+    try:
+        upcoming = in_background(prepare, windows[0])
         for index, window in enumerate(windows):
             started = time.monotonic()
-            chunk = upcoming.result()
+            try:
+                chunk = upcoming.result()
+            except DataError as exc:
+                chunk, failure = None, exc
             if index + 1 < len(windows):
-                upcoming = worker.submit(prepare, windows[index + 1])
-            rows = load_chunk(connection, settings.table, chunk, keep_unanswered=catching_up, loaded_at=now)
-            log.info("loaded %s: %d rows in %.2fs", window, rows, time.monotonic() - started)
-            total += rows
-    return total
+                upcoming = in_background(prepare, windows[index + 1])
+            if chunk is not None:
+                load(chunk, started)
+                continue
+            if len(window.hours()) > 1:
+                log.warning("%s cannot be stored as it is (%s); loading its hours one by one", window, failure)
+            for hour in window.hours():
+                try:
+                    chunk = prepare(Window(hour, hour + HOUR)) if len(window.hours()) > 1 else None
+                except DataError as exc:
+                    chunk, failure = None, exc
+                if chunk is None:
+                    failures[hour] = str(failure)
+                else:
+                    load(chunk, time.monotonic())
+    except BaseException:
+        retrier.stop()  # a pending fetch gives up instead of holding the run
+        raise
+    if failures:
+        raise HoursFailed(failures)
+    return loaded
+
+
+def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> None:
+    """A log line for the window, a warning for each hour with kept rows, and with
+    `plan.checking` a line on stdout for each hour that differs."""
+    if plan.write:
+        unchanged = sum(1 for hour, check in loaded.checks.items() if check.stored and hour not in loaded.rewritten)
+        extra = f" ({plural(unchanged, 'hour')} already up to date)" if unchanged else ""
+        log.info("loaded %s: %d rows in %.2fs%s", window, loaded.rows, seconds, extra)
+    outcome = {"verify": "", "repair": " (reloaded)", "preview": " (would reload)"}.get(plan.mode)
+    for hour, check in loaded.checks.items():
+        if outcome is not None and (check.differs or check.kept):
+            done = outcome if hour in loaded.rewritten or (plan.mode == "preview" and check.differs) else ""
+            print(f"{iso(hour)}  missing {check.missing}, changed {check.changed}, kept {check.kept}{done}")
+        if plan.write and check.kept and not plan.replace:
+            log.warning(
+                "InfluxDB no longer has %d of the %d rows stored for %s; kept them (--hour %s --replace drops them)",
+                check.kept,
+                check.stored,
+                iso(hour),
+                iso(hour)[:13],
+            )
+
+
+def summary(loaded: Sequence[Loaded], plan: Plan) -> tuple[str, int]:
+    """The closing line of --verify and --repair, and the exit code: 1 when --verify finds
+    rows that InfluxDB has and the table lacks or holds otherwise."""
+    checks = [check for chunk in loaded for check in chunk.checks.values()]
+    differing = [check for check in checks if check.differs]
+    kept = [check for check in checks if check.kept]
+    text = (
+        f"{len(checks)} hours checked: {len(checks) - len(differing)} equal, {len(differing)} with missing or changed rows"
+        f" ({sum(c.missing for c in checks)} missing, {sum(c.changed for c in checks)} changed),"
+        f" {len(kept)} with rows InfluxDB no longer has ({sum(c.kept for c in checks)} kept)"
+    )
+    if plan.mode == "repair":
+        text += f"; reloaded {sum(len(chunk.rewritten) for chunk in loaded)} hours"
+    return text, EXIT_FAILED if plan.mode == "verify" and differing else EXIT_OK
+
+
+def run(
+    settings: Settings, plan: Plan, dry_run: bool = False, now: datetime | None = None, sleep: Callable[[float], None] | None = None
+) -> list[Loaded]:
+    """Carry out the plan; returns what each window's load found and did."""
+    now = now or datetime.now(timezone.utc)
+    retrier = Retrier(settings.retry_budget, sleep=sleep)
+    connection = None
+    client = connect_influx(settings)
+    try:
+        with database_errors():
+            if plan.hours is None or not dry_run or plan.mode != "load":
+                connection = connect_postgres(settings)
+                table = resolve_table(connection, settings.table)
+            if not dry_run:
+                acquire_lock(connection, table, wait=None if plan.hours is None else settings.lock_timeout)
+                with connection.cursor() as cursor:
+                    ensure_ledger(cursor, table)
+                connection.commit()
+            windows = chunked(plan.hours) if plan.hours is not None else catch_up_windows(connection, settings, table, now)
+            if not windows:
+                log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
+                return []
+            if dry_run and plan.mode == "load":
+                report_windows(settings, client.query_api(), windows, retrier)
+                return []
+            return load_windows(settings, connection, table, client.query_api(), windows, retrier, plan, now)
+    finally:
+        client.close()
+        if connection is not None:
+            connection.close()
 
 
 def report_windows(settings: Settings, query_api, windows: Sequence[Window], retrier: Retrier) -> None:
@@ -1047,44 +1531,26 @@ def report_windows(settings: Settings, query_api, windows: Sequence[Window], ret
             print(f"{iso(hour)}  {rows} rows")
 
 
-def run(
-    settings: Settings,
-    windows: Sequence[Window] | None,
-    dry_run: bool = False,
-    now: datetime | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> int:
-    """Load `windows`, or with None catch up on what the ledger lacks; returns rows written."""
-    retrier = Retrier(settings.retry_budget, sleep=sleep)
-    connection = None
-    client = connect_influx(settings)
-    try:
-        with database_errors():
-            if windows is None or not dry_run:
-                connection = connect_postgres(settings)
-            if not dry_run:
-                acquire_lock(connection, settings.table, wait=None if windows is None else settings.lock_timeout)
-            catching_up = windows is None
-            if catching_up:
-                windows = catch_up_windows(connection, settings, now or datetime.now(timezone.utc))
-                if not windows:
-                    log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
-                    return 0
-            if dry_run:
-                report_windows(settings, client.query_api(), windows, retrier)
-                return 0
-            return load_windows(settings, connection, client.query_api(), windows, retrier, catching_up, now)
-    finally:
-        client.close()
-        if connection is not None:
-            connection.close()
+def plain_utc(moment: datetime) -> datetime:
+    """A timezone-aware datetime of any kind (pendulum's included) as a plain UTC datetime."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ConfigError("start, stop and now must be timezone-aware datetimes")
+    return datetime.fromtimestamp(moment.timestamp(), timezone.utc).replace(microsecond=moment.microsecond)
 
 
-def load_window(settings: Settings, start: datetime, stop: datetime) -> int:
-    """Load the whole hours in [start, stop), replacing their rows; for schedulers such as Airflow."""
-    if start.tzinfo is None or stop.tzinfo is None or start != hour_floor(start) or stop != hour_floor(stop) or stop <= start:
-        raise ValueError("start and stop must be timezone-aware whole hours, start before stop")
-    return run(settings, chunked(Window(start, stop).hours()))
+def load_window(settings: Settings, start: datetime, stop: datetime, now: datetime | None = None, replace: bool = False) -> int:
+    """Load the complete hours in [start, stop) for schedulers such as Airflow; returns rows written.
+
+    The same rules as `--from/--to`: an hour must be complete (SETTLE_MINUTES after its end,
+    by `now`), and stored rows that InfluxDB no longer has stay unless `replace`.
+    """
+    start, stop = plain_utc(start), plain_utc(stop)
+    now = plain_utc(now) if now is not None else datetime.now(timezone.utc)
+    if start != hour_floor(start) or stop != hour_floor(stop) or stop <= start:
+        raise ConfigError(f"start and stop must be whole hours, start before stop (got {iso(start)}..{iso(stop)})")
+    hours = Window(start, stop).hours()
+    refuse_incomplete(hours[-1], now, settings.settle)
+    return sum(loaded.rows for loaded in run(settings, Plan(hours, replace=replace), now=now))
 
 
 def show_status(settings: Settings, now: datetime, days: int) -> int:
@@ -1092,10 +1558,12 @@ def show_status(settings: Settings, now: datetime, days: int) -> int:
     with database_errors():
         connection = connect_postgres(settings)
         try:
-            ledger = extract_ledger(connection, settings.table, hour_floor(since))
+            table = resolve_table(connection, settings.table)
+            ledger = extract_ledger(connection, table, hour_floor(since))
+            newest = extract_ledger(connection, table, None)
         finally:
             connection.close()
-    text, code = status_report(ledger, now, settings, days)
+    text, code = status_report(ledger, now, settings, days, newest)
     print(text)
     return code
 
@@ -1108,6 +1576,11 @@ def loosely_readable(paths: Iterable[Path]) -> list[str]:
         if mode & 0o077:
             warnings.append(f"{path} can be read by other users (mode {mode:o}); it holds secrets: chmod 600 {path}")
     return warnings
+
+
+def plan_from_args(args: argparse.Namespace, now: datetime, settings: Settings) -> Plan:
+    mode = "verify" if args.verify else ("preview" if args.dry_run else "repair") if args.repair else "load"
+    return Plan(requested_hours(args, now, settings), mode, args.replace)
 
 
 def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
@@ -1125,14 +1598,16 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
             log.warning(warning)
         if args.status:
             return show_status(settings, now, args.days)
-        try:
-            windows = requested_windows(args, now, settings.settle)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        run(settings, windows, args.dry_run, now)
+        plan = plan_from_args(args, now, settings)
+        loaded = run(settings, plan, args.dry_run, now)
+        if plan.mode != "load":
+            text, code = summary(loaded, plan)
+            print(Redactor(secrets).redact(text))
+            return code
     except LoaderError as exc:
         kind = "error: " if exc.exit_code else ""
-        print(f"health_metrics_loader: {kind}{Redactor(secrets).redact(str(exc))}", file=sys.stderr)
+        for line in Redactor(secrets).redact(str(exc)).splitlines():
+            print(f"health_metrics_loader: {kind}{line}", file=sys.stderr)
         return exc.exit_code
     return EXIT_OK
 

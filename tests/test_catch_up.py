@@ -31,7 +31,7 @@ def ledger(url: str) -> dict:
         if not cursor.fetchone()[0]:
             return {}
         cursor.execute("SET TIME ZONE 'UTC'")
-        cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'pox_five_second_mean' ORDER BY hour")
+        cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'public.pox_five_second_mean' ORDER BY hour")
         return dict(cursor.fetchall())
 
 
@@ -57,15 +57,18 @@ def test_everyday_call_is_one_query_and_a_complete_ledger_none(span12, influx, c
     assert len(influx.queries) == 1  # 12 contiguous missing hours: one query
     code, _, err = cron(capsys, DAY0 + timedelta(hours=13, minutes=5))
     assert code == 0
-    assert len(influx.queries) == 2  # the everyday case: exactly one query, for the previous hour
-    assert "loaded 2021-07-12T12:00:00Z..2021-07-12T13:00:00Z: 720 rows" in err
+    assert len(influx.queries) == 2  # the everyday case: exactly one query, the previous hour and the 6 re-checked before it
+    assert "range(start: 2021-07-12T06:00:00Z, stop: 2021-07-12T13:00:00Z)" in influx.queries[1]
+    assert "loaded 2021-07-12T06:00:00Z..2021-07-12T13:00:00Z: 720 rows in " in err
+    assert err.rstrip().endswith("s (6 hours already up to date)")
     code, _, err = cron(capsys, DAY0 + timedelta(hours=13, minutes=30))
     assert code == 0 and len(influx.queries) == 2  # nothing missing: no query at all
     assert "nothing to load" in err
     assert ledger(span12["PG_CONNECT"]) == dict.fromkeys(hours(DAY0, 13), 720)
 
 
-def test_catch_up_after_a_three_hour_outage(span12, influx, capsys):
+def test_catch_up_after_a_three_hour_outage(span12, influx, capsys, monkeypatch):
+    monkeypatch.setenv("RECHECK_HOURS", "0")
     seed(influx, DAY0, 12)
     cron(capsys, DAY0 + timedelta(hours=6, minutes=5))
     influx.queries.clear()
@@ -88,7 +91,8 @@ def test_catch_up_after_a_three_day_outage(loader_env, influx, capsys):
     assert_rows(stored(loader_env["PG_CONNECT"]), expected_rows(DAY0 + timedelta(hours=1), 72))
 
 
-def test_a_hole_in_the_middle_is_filled(span12, influx, capsys):
+def test_a_hole_in_the_middle_is_filled(span12, influx, capsys, monkeypatch):
+    monkeypatch.setenv("RECHECK_HOURS", "0")
     seed(influx, DAY0, 12)
     assert hml.main(["--from", "2021-07-12T00", "--to", "2021-07-12T05"], now=DAY0 + timedelta(hours=12, minutes=5)) == 0
     assert hml.main(["--from", "2021-07-12T06", "--to", "2021-07-12T12"], now=DAY0 + timedelta(hours=12, minutes=5)) == 0
@@ -149,7 +153,7 @@ def test_cron_call_respects_the_settle_delay(span12, influx, capsys):
 def held_lock(fresh_db):
     connection = psycopg2.connect(fresh_db)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_lock(hashtext('health_metrics_loader:pox_five_second_mean'))")
+        cursor.execute("SELECT pg_advisory_lock(hashtext('health_metrics_loader:public.pox_five_second_mean'))")
     yield connection
     connection.close()
 
@@ -158,7 +162,9 @@ def test_cron_call_steps_aside_when_locked(span12, influx, held_lock, capsys):
     seed(influx, DAY0, 12)
     code, out, err = cron(capsys, DAY0 + timedelta(hours=12, minutes=5))
     assert code == 0
-    assert err.strip() == "health_metrics_loader: another run is loading pox_five_second_mean; it will catch up, so this one stops here"
+    assert (
+        err.strip() == "health_metrics_loader: another run is loading public.pox_five_second_mean; it will catch up, so this one stops here"
+    )
     assert influx.queries == []
 
 
@@ -168,7 +174,9 @@ def test_explicit_load_waits_then_gives_up(span12, influx, held_lock, capsys, mo
     code = hml.main(["--hour", "2021-07-12T10"], now=DAY0 + timedelta(hours=12))
     waited = time.monotonic() - started
     assert code == 1
-    assert "another run kept pox_five_second_mean locked for over 1.5s (LOCK_TIMEOUT)" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "health_metrics_loader: error: another run kept public.pox_five_second_mean locked for over 1.5s (LOCK_TIMEOUT); try again later\n"
+    )
     assert 1.4 < waited < 10
     assert influx.queries == []
 
@@ -209,7 +217,10 @@ def test_blog_table_is_caught_up_without_losing_rows(span12, influx, capsys):
     seed(influx, DAY0 + timedelta(hours=12), 1)  # InfluxDB has hour 12, but has forgotten hour 13
     code, _, err = cron(capsys, DAY0 + timedelta(hours=14, minutes=5))
     assert code == 0, err
-    assert "InfluxDB has no data for 2021-07-12T13:00:00Z, which holds 2 rows; kept them (--hour 2021-07-12T13 replaces them)" in err
+    assert (
+        "WARNING InfluxDB no longer has 2 of the 2 rows stored for 2021-07-12T13:00:00Z; kept them (--hour 2021-07-12T13 --replace drops them)\n"
+        in err
+    )
     with psycopg2.connect(span12["PG_CONNECT"]) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT time::text, pulse FROM pox_five_second_mean WHERE time > '2021-07-12 13:00:00' ORDER BY time")
         assert cursor.fetchall() == [("2021-07-12 13:00:05", 70.0), ("2021-07-12 14:00:00", 71.0)]
@@ -235,8 +246,8 @@ def test_status_report_text():
     )
     now = utc(2021, 7, 13, 3, 10)
     loaded_at = utc(2021, 7, 13, 2, 5)
-    book = {hour: (720, loaded_at) for hour in hours(utc(2021, 7, 12, 0), 27) if hour.hour not in (5, 6, 7, 20)}
-    book[utc(2021, 7, 12, 9)] = (0, loaded_at)
+    book = {hour: hml.LedgerEntry(720, loaded_at) for hour in hours(utc(2021, 7, 12, 0), 27) if hour.hour not in (5, 6, 7, 20)}
+    book[utc(2021, 7, 12, 9)] = hml.LedgerEntry(0, loaded_at)
     text, code = hml.status_report(book, now, settings, days=2)
     assert text.splitlines() == [
         "newest loaded hour: 2021-07-13T02:00:00Z (720 rows), loaded 65 minutes ago",
@@ -254,7 +265,7 @@ def test_status_report_text():
 )
 def test_status_exit_code(newest, code):
     settings = hml.settings_from_env({"CONNECTION": "http://x", "TOKEN": "t", "ORG": "o", "PG_CONNECT": "postgresql://u:p@h/d"})
-    book = {newest: (720, newest)} if newest else {}
+    book = {newest: hml.LedgerEntry(720, newest)} if newest else {}
     assert hml.status_report(book, utc(2021, 7, 13, 3, 10), settings, days=1)[1] == code
 
 

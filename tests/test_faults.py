@@ -108,8 +108,8 @@ def test_retry_budget_bounds_the_waiting(env, influx, capsys, monkeypatch):
     code, _, err = call(capsys)
     assert code == 1 and time.monotonic() - started < 5
     assert (
-        error_line(err)
-        == "health_metrics_loader: error: InfluxDB is rate-limiting this organization (429: quota); gave up after 1 try (RETRY_BUDGET 2s)"
+        error_line(err) == "health_metrics_loader: error: InfluxDB is rate-limiting this organization (429: quota); gave up after 1 try: "
+        "InfluxDB asked to wait 60s, more than is left of RETRY_BUDGET 2s"
     )
     assert_untouched(env["PG_CONNECT"])
 
@@ -304,22 +304,47 @@ def test_killed_mid_copy_leaves_no_half_hour(env, influx, capsys, pg):
 
 # -- Bad data ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("value", "kind"), [('"ok"', "string"), ("true", "bool")])
-def test_a_non_numeric_field_is_named(env, influx, capsys, value, kind):
+def test_a_non_numeric_field_fails_its_hour_only(env, influx, capsys, value, kind):
     influx.write_lines("pulse_oximeter", f"spo2,uid=A note={value} {int(H14.timestamp()) + 60}", precision="s")
     code, _, err = call(capsys)
     assert code == 1
     assert error_line(err) == (
-        "health_metrics_loader: error: field 'note' of measurement 'spo2' is not numeric, so InfluxDB cannot average it: write it to another measurement"
+        "health_metrics_loader: error: 2021-07-12T14:00:00Z was not loaded: field 'note' of measurement 'spo2' is not numeric, "
+        "so InfluxDB cannot average it: write it to another measurement"
     )
-    assert_untouched(env["PG_CONNECT"])
+    assert ledger_hours(env["PG_CONNECT"]) == [H13]  # the good hour is in, the bad one is retried by the next call
+    assert_rows(stored(env["PG_CONNECT"]), expected_rows(H13, 1))
 
 
-def test_a_repeated_time_is_an_error(env, influx, capsys):
+def test_a_repeated_time_fails_its_hour_only(env, influx, capsys):
     influx.write_lines("pulse_oximeter", f"spo2,uid=A,host=kitchen spo2=97 {int(H14.timestamp()) + 60}", precision="s")
     code, _, err = call(capsys)
     assert code == 1
-    assert "time 2021-07-12T14:01:05Z appears more than once in InfluxDB's answer" in error_line(err)
-    assert_untouched(env["PG_CONNECT"])
+    assert error_line(err) == (
+        "health_metrics_loader: error: 2021-07-12T14:00:00Z was not loaded: time 2021-07-12T14:01:05Z appears more than once "
+        "in InfluxDB's answer: the measurement has a tag besides uid (keep one device per measurement)"
+    )
+    assert ledger_hours(env["PG_CONNECT"]) == [H13]
+
+
+def test_a_bad_hour_does_not_hold_back_the_days_after_it(loader_env, influx, capsys, monkeypatch):
+    """Three days to catch up; one hour of the first day is bad. Every other hour lands, in every chunk."""
+    monkeypatch.setenv("CATCH_UP_HOURS", "72")
+    monkeypatch.setenv("RECHECK_HOURS", "0")
+    day0 = utc(2021, 7, 12)
+    influx.write_lines("pulse_oximeter", line_protocol(day0, 72), precision="s")
+    bad = day0 + timedelta(hours=5)
+    influx.write_lines("pulse_oximeter", f"spo2,uid=A,host=kitchen spo2=97 {int(bad.timestamp()) + 60}", precision="s")
+    now = day0 + timedelta(hours=72, minutes=5)
+    code, _, err = call(capsys, now=now)
+    assert code == 1
+    assert error_line(err).startswith("health_metrics_loader: error: 2021-07-12T05:00:00Z was not loaded: time 2021-07-12T05:01:05Z")
+    assert "2021-07-12T00:00:00Z..2021-07-13T00:00:00Z cannot be stored as it is" in err
+    assert ledger_hours(loader_env["PG_CONNECT"]) == [day0 + timedelta(hours=h) for h in range(72) if h != 5]
+    assert len(stored(loader_env["PG_CONNECT"])) == 71 * 720
+    code, _, err = call(capsys, now=now + timedelta(minutes=10))  # the next call tries the bad hour alone, and only it
+    assert code == 1 and len(influx.queries) == 3 + 24 + 1
+    assert "range(start: 2021-07-12T05:00:00Z, stop: 2021-07-12T06:00:00Z)" in influx.queries[-1]
 
 
 def test_nan_and_infinity_are_stored_as_null(env, influx, capsys):

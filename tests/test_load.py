@@ -78,11 +78,44 @@ def test_reload_replaces_the_window_and_keeps_the_boundary_row(connect, pg):
     ]
 
 
-def test_an_empty_hour_clears_the_window(connect, pg):
+def test_an_empty_answer_keeps_the_stored_rows_unless_replacing(connect, pg):
     connection = connect()
     hml.load_frame(connection, TABLE, frame(("2021-07-12T14:30:00Z", 1, 1)), H14)
     assert hml.load_frame(connection, TABLE, hml.clean(hml.read_answer(b"\r\n")), H14) == 0
+    assert select(pg) == [(utc(2021, 7, 12, 14, 30), 1.0, 1.0)]
+    assert hml.load_frame(connection, TABLE, hml.clean(hml.read_answer(b"\r\n")), H14, replace=True) == 0
     assert select(pg) == []
+
+
+def test_an_answer_with_fewer_rows_replaces_only_its_own_times(connect, pg):
+    connection = connect()
+    hml.load_frame(
+        connection, TABLE, frame(("2021-07-12T14:30:00Z", 1, 1), ("2021-07-12T14:30:05Z", 2, 2), ("2021-07-12T15:00:00Z", 3, 3)), H14
+    )
+    # InfluxDB has forgotten 14:30:00, and now says something else for 14:30:05
+    assert hml.load_frame(connection, TABLE, frame(("2021-07-12T14:30:05Z", 5, 5)), H14) == 1
+    assert select(pg) == [
+        (utc(2021, 7, 12, 14, 30), 1.0, 1.0),
+        (utc(2021, 7, 12, 14, 30, 5), 5.0, 5.0),
+        (utc(2021, 7, 12, 15), 3.0, 3.0),
+    ]
+
+
+def test_an_unchanged_hour_is_not_rewritten(connect, pg):
+    connection = connect()
+    rows = frame(("2021-07-12T14:30:00Z", 1, 1), ("2021-07-12T15:30:00Z", 2, None))
+    two_hours = hml.Window(H14.start, H15.stop)
+    assert hml.load_frame(connection, TABLE, rows, two_hours) == 2
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT xmin::text FROM pox_five_second_mean ORDER BY time")
+        versions = cursor.fetchall()
+    later = frame(("2021-07-12T14:30:00Z", 1, 1), ("2021-07-12T15:30:00Z", 2, 7))  # a late spo2 point in hour 15
+    assert hml.load_frame(connection, TABLE, later, two_hours) == 1
+    with pg.cursor() as cursor:
+        cursor.execute("SELECT xmin::text FROM pox_five_second_mean ORDER BY time")
+        after = cursor.fetchall()
+    assert after[0] == versions[0] and after[1] != versions[1]
+    assert select(pg) == [(utc(2021, 7, 12, 14, 30), 1.0, 1.0), (utc(2021, 7, 12, 15, 30), 2.0, 7.0)]
 
 
 def test_a_new_field_adds_a_column(connect, pg):
@@ -164,7 +197,10 @@ def test_floats_are_stored_exactly(connect, pg, value):
 def test_binary_copy_stores_floats_and_times_exactly(connect, pg, value):
     chunk = hml.prepare_chunk(frame(("2021-07-12T14:00:01.5Z", value, 1.0), ("2021-07-12T15:00:00Z", 2.0, value)), H14)
     assert chunk.binary is not None  # no empty cell: the binary format is used
-    hml.load_chunk(connect(), TABLE, chunk)
+    connection = connect()
+    with connection.cursor() as cursor:
+        hml.ensure_ledger(cursor, TABLE)
+    hml.load_chunk(connection, TABLE, chunk)
     assert select(pg) == [(utc(2021, 7, 12, 14, 0, 1, 500000), value, 1.0), (utc(2021, 7, 12, 15), 2.0, value)]
 
 

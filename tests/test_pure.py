@@ -27,7 +27,7 @@ def test_blog_env_gives_defaults_and_psycopg2_url():
     assert settings.every == "5s"
     assert settings.table == ("pox_five_second_mean",)
     assert settings.pg_url == "postgresql+psycopg2://pi:raspberry@localhost:5432/health"
-    assert settings.secrets() == ["tok", "raspberry"]
+    assert settings.secrets() == ["raspberry", "tok"]
 
 
 def test_every_missing_setting_is_named_at_once():

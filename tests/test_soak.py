@@ -95,9 +95,9 @@ def run_sequence(index: int, settings, influx, admin, stats: Counter) -> None:
         locker = None
         if "pg_locked" in kinds:
             locker = psycopg2.connect(settings.pg_url.replace("+psycopg2", ""))
-            locker.cursor().execute("SELECT pg_advisory_lock(hashtext('health_metrics_loader:pox_five_second_mean'))")
+            locker.cursor().execute("SELECT pg_advisory_lock(hashtext('health_metrics_loader:public.pox_five_second_mean'))")
         try:
-            hml.run(run_settings, None, now=now, sleep=waits.append)
+            hml.run(run_settings, hml.Plan(), now=now, sleep=waits.append)
             stats["runs ok"] += 1
         except hml.LoaderError:
             stats["runs failed"] += 1
@@ -111,7 +111,7 @@ def run_sequence(index: int, settings, influx, admin, stats: Counter) -> None:
             check_consistent(cursor)
     stats["retry waits"] += len(waits)
     now += timedelta(minutes=rng.randint(0, 60))
-    hml.run(settings, None, now=now, sleep=waits.append)  # the faults have cleared
+    hml.run(settings, hml.Plan(), now=now, sleep=waits.append)  # the faults have cleared
     check_consistent(cursor)
     span = hml.complete_hours(now, settings.settle, SPAN)
     cursor.execute("SELECT hour FROM loaded_hours WHERE hour >= %s ORDER BY hour", (span[0],))
