@@ -942,14 +942,17 @@ def extract_ledger(connection, table: tuple[str, ...], since: datetime | None) -
         if cursor.fetchone()[0] is None:
             connection.rollback()
             return {}
-        ledger, key = qualified(ledger_of(table)), ledger_key(table)
+        ledger = qualified(ledger_of(table))
+        keys = list(dict.fromkeys([ledger_key(table), table[-1]]))  # and as older versions spelt it, until a run takes it over
         columns = table_columns(cursor, ledger_of(table))
         extra = ", ".join(c if c in columns else "NULL::timestamptz" for c in ("checked_at", "repaired_at"))
         if since is None:
-            where, params = f"hour = (SELECT max(hour) FROM {ledger} WHERE target_table = %s)", (key, key)
+            where, params = f"hour = (SELECT max(hour) FROM {ledger} WHERE target_table = ANY(%s))", (keys, keys)
         else:
-            where, params = "hour >= %s", (key, since)
-        cursor.execute(f"SELECT hour, rows, loaded_at, {extra} FROM {ledger} WHERE target_table = %s AND {where}", params)
+            where, params = "hour >= %s", (keys, since)
+        cursor.execute(
+            f"SELECT hour, rows, loaded_at, {extra} FROM {ledger} WHERE target_table = ANY(%s) AND {where} ORDER BY hour", params
+        )
         found = {row[0]: LedgerEntry(*row[1:]) for row in cursor.fetchall()}
     connection.rollback()
     return found
@@ -1107,7 +1110,7 @@ def load_chunk(
                 rows = rewrite_hours(cursor, table, chunk, types, {hour: checks[hour] for hour in rewritten}, replace)
                 counts = {hour: check.answered + (0 if replace else check.kept) for hour, check in checks.items()}
                 record_hours(cursor, table, counts, rewritten, when, checking)
-            else:
+            elif checking:
                 record_checked(cursor, table, list(checks), when)
         connection.commit()
     except LoaderError:
