@@ -308,7 +308,9 @@ def iso(moment: datetime) -> str:
 
 
 def hour_floor(moment: datetime) -> datetime:
-    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    """The hour `moment` falls in, as a plain UTC datetime (whatever datetime class came in)."""
+    utc = moment.astimezone(timezone.utc)
+    return datetime(utc.year, utc.month, utc.day, utc.hour, tzinfo=timezone.utc)
 
 
 def latest_complete_hour(now: datetime, settle: timedelta = timedelta(0)) -> datetime:
@@ -1538,7 +1540,8 @@ def plain_utc(moment: datetime) -> datetime:
     """A timezone-aware datetime of any kind (pendulum's included) as a plain UTC datetime."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ConfigError("start, stop and now must be timezone-aware datetimes")
-    return datetime.fromtimestamp(moment.timestamp(), timezone.utc).replace(microsecond=moment.microsecond)
+    utc = moment.astimezone(timezone.utc)
+    return datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond, tzinfo=timezone.utc)
 
 
 def load_window(settings: Settings, start: datetime, stop: datetime, now: datetime | None = None, replace: bool = False) -> int:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psycopg2
 import pytest
@@ -235,8 +235,44 @@ def test_load_window_for_schedulers(span12, influx):
     settings = hml.settings_from_env(os.environ)
     assert hml.load_window(settings, DAY0, DAY0 + timedelta(hours=2)) == 1440
     assert ledger(span12["PG_CONNECT"]) == {DAY0: 720, DAY0 + timedelta(hours=1): 720}
+    assert hml.load_window(settings, DAY0, DAY0 + timedelta(hours=2)) == 0  # nothing differs: nothing written
     with pytest.raises(ValueError):
         hml.load_window(settings, DAY0 + timedelta(minutes=30), DAY0 + timedelta(hours=2))
+
+
+def test_load_window_takes_airflow_3s_point_interval_as_pendulum_datetimes(span12, influx):
+    """The README's DAG: Airflow 3 hands the 15:05 run start == end == 15:05, as pendulum DateTimes."""
+    pendulum = pytest.importorskip("pendulum")
+    seed(influx, DAY0 + timedelta(hours=13), 3)
+    settings = hml.settings_from_env(os.environ)
+    end = pendulum.datetime(2021, 7, 12, 15, 5, tz="UTC")
+    hour = hml.latest_complete_hour(end, settings.settle)
+    assert type(hour) is datetime and hour == DAY0 + timedelta(hours=14)
+    assert hml.load_window(settings, hour, hour + timedelta(hours=1)) == 720
+    assert influx.queries == [hml.flux_query(settings, hml.Window(DAY0 + timedelta(hours=14), DAY0 + timedelta(hours=15)))]
+    local = pendulum.datetime(2021, 7, 12, 17, 0, tz="Europe/Berlin")  # 15:00 UTC
+    assert hml.load_window(settings, local, local.add(hours=1)) == 720
+    assert ledger(span12["PG_CONNECT"]) == {DAY0 + timedelta(hours=14): 720, DAY0 + timedelta(hours=15): 720}
+
+
+@pytest.mark.parametrize("minute", [0, 1])
+def test_load_window_refuses_an_hour_that_has_not_settled(span12, influx, minute):
+    pendulum = pytest.importorskip("pendulum")
+    settings = hml.settings_from_env(os.environ)
+    start = pendulum.datetime(2021, 7, 12, 14, tz="UTC")
+    with pytest.raises(hml.ConfigError) as caught:
+        hml.load_window(settings, start, start.add(hours=1), now=pendulum.datetime(2021, 7, 12, 15, minute, tz="UTC"))
+    assert str(caught.value) == (
+        "hour 2021-07-12T14:00:00Z is not complete yet: an hour counts as complete SETTLE_MINUTES (2) after it ends; "
+        "the latest complete hour is 2021-07-12T13:00:00Z"
+    )
+    assert isinstance(caught.value, ValueError) and influx.queries == []
+
+
+def test_load_window_refuses_naive_datetimes(span12):
+    settings = hml.settings_from_env(os.environ)
+    with pytest.raises(hml.ConfigError, match="timezone-aware"):
+        hml.load_window(settings, datetime(2021, 7, 12, 10), datetime(2021, 7, 12, 11))
 
 
 # -- --status -----------------------------------------------------------------------------------
