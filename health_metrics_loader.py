@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -107,6 +108,8 @@ REQUIRED = {
     "ORG": "the InfluxDB organization",
     "PG_CONNECT": "the PostgreSQL URL",
 }
+NOT_FOR_INFLUXQL = ("TOKEN", "ORG")  # a 1.x server may run without authentication; /query takes no org
+QUERY_LANGUAGES = ("flux", "influxql")
 DEFAULTS = {
     "INFLUX_BUCKET": "pulse_oximeter",
     "INFLUX_MEASUREMENT": "spo2",
@@ -118,6 +121,8 @@ DEFAULTS = {
     "LOCK_TIMEOUT": "300",
     "RETRY_BUDGET": "180",
     "RECHECK_HOURS": "6",
+    "INFLUX_QUERY_LANGUAGE": "flux",
+    "INFLUX_RETENTION_POLICY": "",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
 MAX_LOCK_TIMEOUT = 2147483  # PostgreSQL's lock_timeout is an int of milliseconds
@@ -151,6 +156,8 @@ class Settings:
     lock_timeout: float = 300.0
     retry_budget: float = 180.0
     recheck_hours: int = 6
+    query_language: str = "flux"
+    retention_policy: str = ""
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, also as they look inside a URL."""
@@ -171,8 +178,14 @@ class Settings:
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
     """Read and check every setting; name all problems at once."""
     get = {k: environ.get(k, "").strip() for k in [*REQUIRED, *DEFAULTS]}
-    problems = [f"{k} is not set ({what})" for k, what in REQUIRED.items() if not get[k]]
     values = {k: get[k] or default for k, default in DEFAULTS.items()}
+    language = values["INFLUX_QUERY_LANGUAGE"].lower()
+    required = {k: what for k, what in REQUIRED.items() if not (language == "influxql" and k in NOT_FOR_INFLUXQL)}
+    problems = [f"{k} is not set ({what})" for k, what in required.items() if not get[k]]
+    if language not in QUERY_LANGUAGES:
+        problems.append(
+            "INFLUX_QUERY_LANGUAGE must be flux (InfluxDB 2, Cloud before 2023) or influxql (InfluxDB 1.x, 3, Cloud Serverless)"
+        )
 
     url = get["CONNECTION"]
     if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", url):
@@ -183,7 +196,7 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
             pg_url = postgres_url(get["PG_CONNECT"])
         except ValueError as exc:
             problems.append(f"PG_CONNECT {exc}")
-    for name in ("INFLUX_BUCKET", "INFLUX_MEASUREMENT"):
+    for name in ("INFLUX_BUCKET", "INFLUX_MEASUREMENT", "INFLUX_RETENTION_POLICY"):
         if any(ord(c) < 32 for c in values[name]):
             problems.append(f"{name} must not contain control characters")
     if duration_ns(values["AGGREGATE_EVERY"]) is None:
@@ -219,6 +232,8 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         lock_timeout=numbers["LOCK_TIMEOUT"],
         retry_budget=numbers["RETRY_BUDGET"],
         recheck_hours=int(numbers["RECHECK_HOURS"]),
+        query_language=language,
+        retention_policy=values["INFLUX_RETENTION_POLICY"],
     )
 
 
@@ -378,6 +393,28 @@ def flux_query(settings: Settings, window: Window) -> str:
     )
 
 
+def influxql_identifier(name: str) -> str:
+    """`name` as a double-quoted InfluxQL identifier."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def influxql_duration(nanoseconds: int) -> str:
+    """An InfluxQL duration literal: one number and one unit (InfluxQL has no `1m30s`)."""
+    for unit, size in (("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9), ("ms", 10**6), ("u", 10**3)):
+        if nanoseconds % size == 0:
+            return f"{nanoseconds // size}{unit}"
+    return f"{nanoseconds}ns"
+
+
+def influxql_query(settings: Settings, window: Window) -> str:
+    """The same means as the Flux pipeline; the database and retention policy go as parameters."""
+    return (
+        f"SELECT mean(*) FROM {influxql_identifier(settings.measurement)}"
+        f" WHERE time >= '{iso(window.start)}' AND time < '{iso(window.stop)}'"
+        f" GROUP BY time({influxql_duration(duration_ns(settings.every) or 0)}) fill(none)"
+    )
+
+
 # InfluxDB answers in annotated CSV, one block per table schema, CRLF line ends:
 #
 #   #datatype,string,long,dateTime:RFC3339,double,double
@@ -472,6 +509,71 @@ def read_answer(body: bytes) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({"_time": pd.Series([], dtype="datetime64[ns, UTC]")})
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+# InfluxQL answers in JSON. With chunked=true it sends one document per line, and all but
+# the last say "partial"; each mean is stamped with its window's start:
+#
+#   {"results":[{"statement_id":0,"series":[{"name":"spo2","columns":["time","mean_pulse","mean_spo2"],
+#     "values":[[1626098400000000000,61.5,91.5],[1626098405000000000,63,null]],"partial":true}],"partial":true}]}
+#   {"results":[{"statement_id":0,"series":[{"name":"spo2","columns":["time","mean_pulse","mean_spo2"],
+#     "values":[[1626101995000000000,64,94]]}]}]}
+#
+# A statement error (an unknown database, say) comes inside a 200 answer:
+#   {"results":[{"statement_id":0,"error":"database not found: nosuchdb"}]}
+# and no data is a result without "series": {"results":[{"statement_id":0}]}
+def influxql_documents(body: bytes) -> list[dict]:
+    """The answer's JSON documents; raises on an error, a cut-off answer, or a partial one."""
+    documents = []
+    for line in body.splitlines():
+        if line.strip():
+            try:
+                documents.append(json.loads(line))
+            except ValueError:
+                raise IncompleteAnswer("InfluxDB's answer ended early (cut off mid-line)") from None
+    if not documents:
+        raise IncompleteAnswer("InfluxDB's answer was empty")
+    for document in documents:
+        if document.get("error"):
+            raise SourceError(f"InfluxDB query failed: {document['error']}")
+        for result in document.get("results") or []:
+            if result.get("error"):
+                hint = ": check INFLUX_BUCKET (the database)" if "database not found" in result["error"] else ""
+                raise SourceError(f"InfluxDB query failed: {result['error']}{hint}")
+    last = documents[-1].get("results") or [{"partial": True}]
+    if any(result.get("partial") or any(series.get("partial") for series in result.get("series") or []) for result in last):
+        # Also what a server with max-row-limit sends: never store part of an answer.
+        raise IncompleteAnswer("InfluxDB's answer ended early (its last part says more was to come)")
+    return documents
+
+
+def read_influxql_answer(body: bytes, every_ns: int, window: Window) -> pd.DataFrame:
+    """The answer as a frame of `_time` and field columns, stamped as Flux stamps them.
+
+    InfluxQL stamps a window's mean with the window's start, Flux's aggregateWindow with its
+    (clipped) stop: shifting by `every` makes hour H hold the times in (H, H+1h] either way.
+    """
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for document in influxql_documents(body):
+        for result in document.get("results") or []:
+            for series in result.get("series") or []:
+                columns = series.get("columns") or []
+                if columns[:1] != ["time"] or not all(c.startswith("mean_") for c in columns[1:]):
+                    raise SourceError(f"InfluxDB's answer has the columns {columns}, not time and mean_<field>: check the query")
+                if series.get("values"):
+                    frames.append(pd.DataFrame(series["values"], columns=["_time", *(c[len("mean_") :] for c in columns[1:])]))
+    if not frames:
+        return pd.DataFrame({"_time": pd.Series([], dtype="datetime64[ns, UTC]")})
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    stop = int(window.stop.timestamp()) * 10**9
+    stamps = np.minimum(frame["_time"].to_numpy("int64") + every_ns, stop)
+    fields = frame.columns.drop("_time")
+    frame = frame.astype(dict.fromkeys(fields, "float64"))
+    frame["_time"] = pd.to_datetime(stamps, unit="ns", utc=True)
+    return frame
 
 
 def clean(frame: pd.DataFrame) -> pd.DataFrame:
@@ -585,16 +687,130 @@ def compare_hours(answer: pd.DataFrame, stored: pd.DataFrame, window: Window, re
 TRANSIENT_STATUS = {429, 500, 502, 503, 504}
 
 
-def connect_influx(settings: Settings):
-    from influxdb_client import InfluxDBClient
+class FluxSource:
+    """InfluxDB 2 and InfluxDB Cloud (TSM): Flux over /api/v2/query, through influxdb-client."""
 
-    return InfluxDBClient(
-        url=settings.influx_url,
-        token=settings.token,
-        org=settings.org,
-        timeout=int(settings.query_timeout * 1000),
-        verify_ssl=True,
-    )
+    dialect = "flux"
+
+    def __init__(self, settings: Settings) -> None:
+        from influxdb_client import InfluxDBClient
+
+        self.settings = settings
+        self.client = InfluxDBClient(
+            url=settings.influx_url, token=settings.token, org=settings.org, timeout=int(settings.query_timeout * 1000), verify_ssl=True
+        )
+        self.api = self.client.query_api()
+
+    def query(self, window: Window) -> str:
+        return flux_query(self.settings, window)
+
+    def fetch(self, query: str) -> bytes:
+        """One try at the raw annotated CSV; failures say whether a retry may help."""
+        from influxdb_client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return self.api.query_raw(query, org=self.settings.org).data
+        except ApiException as exc:
+            if exc.status == 0:  # influxdb-client's word for a TLS failure; urllib3's reason is its last line
+                last = [line.strip() for line in str(exc.reason or "").splitlines() if line.strip()][-1:]
+                raise SourceError(
+                    f"InfluxDB could not be reached securely ({' '.join(last)}): check CONNECTION and the server's certificate"
+                ) from None
+            raise status_error(exc.status, exc.body or exc.message or exc.reason, exc.retry_after, self.dialect) from None
+        except HTTPError as exc:
+            raise unreachable(self.settings, exc) from None
+
+    def read(self, body: bytes, window: Window) -> pd.DataFrame:
+        return read_answer(body)
+
+    def non_numeric_fields(self, window: Window) -> list[str]:
+        """Fields whose values are strings or booleans: one table per series, typed by #datatype."""
+        fields = set()
+        for block in split_blocks(self.fetch(field_types_query(self.settings, window))):
+            if block.datatypes.get("_value") in ("string", "boolean") and "_field" in block.header:
+                column = block.header.index("_field") + 1
+                fields.update(row[column] for row in csv.reader(block.data.decode().splitlines()) if len(row) > column)
+        return sorted(fields)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class InfluxQLSource:
+    """InfluxDB 1.x, InfluxDB 3 and Cloud Serverless or Dedicated (and 2.x through a DBRP
+    mapping): InfluxQL over the v1 /query API, through urllib3 (installed with influxdb-client)."""
+
+    dialect = "influxql"
+
+    def __init__(self, settings: Settings) -> None:
+        import urllib3
+
+        self.settings = settings
+        timeout = urllib3.Timeout(connect=settings.query_timeout, read=settings.query_timeout)
+        self.pool = urllib3.PoolManager(retries=False, timeout=timeout)
+        self.headers = {"Accept": "application/json", "Accept-Encoding": "gzip", **influxql_auth(settings.token)}
+
+    def query(self, window: Window) -> str:
+        return influxql_query(self.settings, window)
+
+    def fetch(self, query: str) -> bytes:
+        """One try at the JSON answer (chunked: one document per line); JSON, because with
+        CSV InfluxDB 1.x answers a statement error with an empty 200."""
+        from urllib3.exceptions import HTTPError
+
+        params = {"db": self.settings.bucket, "q": query, "epoch": "ns", "chunked": "true"}
+        if self.settings.retention_policy:
+            params["rp"] = self.settings.retention_policy
+        try:
+            response = self.pool.request("GET", self.settings.influx_url + "/query", fields=params, headers=self.headers)
+        except HTTPError as exc:
+            raise unreachable(self.settings, exc) from None
+        if response.status != 200:
+            raise status_error(response.status, response.data or response.reason, response.headers.get("Retry-After"), self.dialect)
+        return response.data
+
+    def read(self, body: bytes, window: Window) -> pd.DataFrame:
+        return read_influxql_answer(body, duration_ns(self.settings.every) or 0, window)
+
+    def non_numeric_fields(self, window: Window) -> list[str]:
+        """Fields that SHOW FIELD KEYS types as string or boolean."""
+        answer = influxql_documents(self.fetch(f"SHOW FIELD KEYS FROM {influxql_identifier(self.settings.measurement)}"))
+        rows = [
+            row for doc in answer for result in doc["results"] for series in result.get("series", []) for row in series.get("values", [])
+        ]
+        return sorted(name for name, kind in rows if kind in ("string", "boolean"))
+
+    def close(self) -> None:
+        self.pool.clear()
+
+
+def open_source(settings: Settings) -> FluxSource | InfluxQLSource:
+    return InfluxQLSource(settings) if settings.query_language == "influxql" else FluxSource(settings)
+
+
+def influxql_auth(token: str) -> dict[str, str]:
+    """`user:password` (InfluxDB 1.x) goes as Basic auth, which every version takes; before 1.8,
+    InfluxDB refuses `Token user:password`. An API token goes as `Token`; none, as nothing."""
+    from base64 import b64encode
+
+    if not token:
+        return {}
+    if ":" in token:
+        return {"Authorization": "Basic " + b64encode(token.encode()).decode()}
+    return {"Authorization": f"Token {token}"}
+
+
+def unreachable(settings: Settings, exc: BaseException) -> SourceError:
+    """A refused, reset, timed-out or cut-off connection (worth a retry), or a TLS failure (not)."""
+    from urllib3.exceptions import SSLError
+
+    cause = exc
+    while getattr(cause, "reason", None) is not None and isinstance(cause.reason, BaseException):
+        cause = cause.reason
+    if isinstance(cause, SSLError) or isinstance(exc, SSLError):
+        return SourceError(f"InfluxDB could not be reached securely ({reason(exc)}): check CONNECTION and the server's certificate")
+    return TransientSourceError(f"InfluxDB at {settings.influx_url} did not answer ({reason(exc)}): check CONNECTION and the network")
 
 
 @dataclass
@@ -648,46 +864,59 @@ class Retrier:
                     raise SourceError(f"{exc}; the run ended before a retry") from None
 
 
-def fetch_answer(query_api, settings: Settings, query: str) -> bytes:
-    """One try at the raw annotated CSV; failures say whether a retry may help."""
-    from influxdb_client.rest import ApiException
-    from urllib3.exceptions import HTTPError
-
-    try:
-        return query_api.query_raw(query, org=settings.org).data
-    except ApiException as exc:
-        if exc.status in TRANSIENT_STATUS:
-            raise TransientSourceError(describe_api_error(exc), retry_after=seconds_or_none(exc.retry_after)) from None
-        raise SourceError(describe_api_error(exc)) from None
-    except HTTPError as exc:  # refused, reset, timed out, or cut off mid-answer
-        raise TransientSourceError(
-            f"InfluxDB at {settings.influx_url} did not answer ({reason(exc)}): check CONNECTION and the network"
-        ) from None
-
-
 def seconds_or_none(text: str | None) -> float | None:
     value = number(text) if text else None
     return value if value is not None and value >= 0 else None
 
 
-API_ERRORS = {  # status: (what happened, what to check)
-    400: ("InfluxDB rejected the query", ": check ORG, INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY"),
-    401: ("InfluxDB refused the token", ": check TOKEN in .env"),
-    403: ("InfluxDB denied access", ": check that TOKEN may read INFLUX_BUCKET"),
-    404: ("InfluxDB found no such bucket or organization", ": check INFLUX_BUCKET and ORG"),
-    429: ("InfluxDB is rate-limiting this organization", ""),
+SOURCE_ERRORS = {  # status: (what happened, what to check with Flux, with InfluxQL)
+    400: (
+        "InfluxDB rejected the query",
+        ": check ORG, INFLUX_BUCKET, INFLUX_MEASUREMENT and AGGREGATE_EVERY",
+        ": check INFLUX_MEASUREMENT and AGGREGATE_EVERY",
+    ),
+    401: ("InfluxDB refused the token", ": check TOKEN in .env", ": check TOKEN in .env (an API token, or user:password for InfluxDB 1.x)"),
+    403: ("InfluxDB denied access", ": check that TOKEN may read INFLUX_BUCKET", ": check that TOKEN may read the database INFLUX_BUCKET"),
+    404: ("InfluxDB found no such bucket or organization", ": check INFLUX_BUCKET and ORG", ": check CONNECTION (no /query there)"),
+    429: ("InfluxDB is rate-limiting this organization", "", ""),
 }
+NO_FLUX = re.compile(r"flux.*(not supported|unsupported|disabled|not enabled)|path not found|page not found", re.I)
 
 
-def describe_api_error(exc) -> str:
-    message = exc.message if exc.status else exc.reason
-    if isinstance(message, bytes):
-        message = message.decode("utf-8", "replace")
-    lines = [line.strip() for line in (message or exc.reason or "").splitlines() if line.strip()]
-    if exc.status == 0:  # influxdb-client's word for a TLS failure; urllib3's reason is its last line
-        return f"InfluxDB could not be reached securely ({' '.join(lines[-1:])}): check CONNECTION and the server's certificate"
-    what, hint = API_ERRORS.get(exc.status, ("InfluxDB had a server error" if exc.status >= 500 else "InfluxDB refused the query", ""))
-    return f"{what} ({exc.status}: {' '.join(lines[:1])}){hint}"
+def status_error(status: int, body: bytes | str | None, retry_after: str | None, dialect: str) -> SourceError:
+    """InfluxDB's refusal as one line, typed by whether a retry may help."""
+    message = short_reason(body)
+    what, flux_hint, influxql_hint = SOURCE_ERRORS.get(
+        status, ("InfluxDB had a server error" if status >= 500 else "InfluxDB refused the query", "", "")
+    )
+    hint = influxql_hint if dialect == "influxql" else flux_hint
+    if dialect == "flux" and status in (400, 403, 404, 405, 501) and NO_FLUX.search(message) and "bucket" not in message:
+        what, hint = (
+            "InfluxDB does not take Flux queries here",
+            ": try INFLUX_QUERY_LANGUAGE=influxql (InfluxDB 1.x, 3 and Cloud Serverless)",
+        )
+    text = f"{what} ({status}: {message}){hint}"
+    if status in TRANSIENT_STATUS:
+        return TransientSourceError(text, retry_after=seconds_or_none(retry_after))
+    return SourceError(text)
+
+
+def short_reason(body: bytes | str | None) -> str:
+    """InfluxDB's own message in an error body: JSON's `message` or `error`; from a gateway's
+    HTML page, its title; else the first line. Never a page dump."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and (payload.get("message") or payload.get("error")):
+        text = str(payload.get("message") or payload.get("error"))
+    elif re.search(r"<(html|head|body|title|h1)\b", text, re.I):
+        title = re.search(r"<(title|h1)[^>]*>(.*?)</\1>", text, re.I | re.S)
+        text = title[2] if title else re.sub(r"<[^>]+>", " ", text)
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 def reason(exc: BaseException) -> str:
@@ -698,18 +927,18 @@ def reason(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if "object at 0x" in text else text
 
 
-def extract_frame(query_api, settings: Settings, window: Window, retrier: Retrier) -> pd.DataFrame:
+def extract_frame(source: FluxSource | InfluxQLSource, window: Window, retrier: Retrier) -> pd.DataFrame:
     """The window's 5-second means, cleaned and ready to store."""
-    query = flux_query(settings, window)
+    query = source.query(window)
     try:
-        return retrier.call(lambda: clean(read_answer(fetch_answer(query_api, settings, query))))
+        return retrier.call(lambda: clean(source.read(source.fetch(query), window)))
     except SourceError as exc:
         # InfluxDB's own message does not say which field (influxdb#23321): ask for the types.
         if "unsupported input type for mean aggregate" in str(exc):
-            fields = extract_non_numeric_fields(query_api, settings, window)
+            fields = source.non_numeric_fields(window)
             if fields:
                 raise DataError(
-                    f"field {', '.join(map(repr, fields))} of measurement {settings.measurement!r} is not numeric, "
+                    f"field {', '.join(map(repr, fields))} of measurement {source.settings.measurement!r} is not numeric, "
                     "so InfluxDB cannot average it: write it to another measurement"
                 ) from None
         raise
@@ -722,16 +951,6 @@ def field_types_query(settings: Settings, window: Window) -> str:
         f"  |> filter(fn: (r) => r._measurement == {flux_string(settings.measurement)})\n"
         "  |> last()\n"
     )
-
-
-def extract_non_numeric_fields(query_api, settings: Settings, window: Window) -> list[str]:
-    """Fields whose values are strings or booleans: one table per series, typed by #datatype."""
-    fields = set()
-    for block in split_blocks(fetch_answer(query_api, settings, field_types_query(settings, window))):
-        if block.datatypes.get("_value") in ("string", "boolean") and "_field" in block.header:
-            column = block.header.index("_field") + 1
-            fields.update(row[column] for row in csv.reader(block.data.decode().splitlines()) if len(row) > column)
-    return sorted(fields)
 
 
 # -- I/O edges: PostgreSQL ---------------------------------------------------------------
@@ -1072,6 +1291,7 @@ class Loaded:
     checks: dict[datetime, HourCheck]
     rewritten: list[datetime]
     rows: int
+    lacking: list[str] = field(default_factory=list)  # numeric columns of the table that the answer lacks
 
 
 def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window, **options) -> int:
@@ -1127,7 +1347,8 @@ def load_chunk(
             with suppress(psycopg2.Error):
                 connection.rollback()
         raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
-    return Loaded(checks, rewritten, rows)
+    lacking = [c for c, kind in types.items() if c != "time" and is_numeric_column(kind) and c not in frame.columns]
+    return Loaded(checks, rewritten, rows, lacking)
 
 
 def rewrite_hours(
@@ -1405,7 +1626,7 @@ def load_windows(
     settings: Settings,
     connection,
     table: tuple[str, ...],
-    query_api,
+    source: FluxSource | InfluxQLSource,
     windows: Sequence[Window],
     retrier: Retrier,
     plan: Plan,
@@ -1420,13 +1641,16 @@ def load_windows(
     """
 
     def prepare(window: Window) -> Chunk:
-        return prepare_chunk(extract_frame(query_api, settings, window, retrier), window)
+        return prepare_chunk(extract_frame(source, window, retrier), window)
 
     def load(chunk: Chunk, started: float) -> None:
         loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking))
         report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
+        if loaded[-1].lacking and not warned:
+            warned.append(warn_of_skipped_fields(source, chunk.window))
 
     loaded: list[Loaded] = []
+    warned: list[bool] = []
     failures: dict[datetime, str] = {}
     try:
         upcoming = in_background(prepare, windows[0])
@@ -1458,6 +1682,21 @@ def load_windows(
     if failures:
         raise HoursFailed(failures)
     return loaded
+
+
+def warn_of_skipped_fields(source: FluxSource | InfluxQLSource, window: Window) -> bool:
+    """InfluxQL's mean(*) skips a field that is not a number without a word; when an answer
+    lacks a field the table has, ask which fields those are (once a run)."""
+    if source.dialect != "influxql":
+        return False
+    fields = source.non_numeric_fields(window)
+    if fields:
+        log.warning(
+            "field %s of measurement %r is not a number, so mean(*) skips it and it is not archived",
+            ", ".join(map(repr, fields)),
+            source.settings.measurement,
+        )
+    return True
 
 
 def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> None:
@@ -1505,7 +1744,7 @@ def run(
     now = now or datetime.now(timezone.utc)
     retrier = Retrier(settings.retry_budget, sleep=sleep)
     connection = None
-    client = connect_influx(settings)
+    source = open_source(settings)
     try:
         with database_errors():
             if plan.hours is None or not dry_run or plan.mode != "load":
@@ -1521,18 +1760,18 @@ def run(
                 log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
                 return []
             if dry_run and plan.mode == "load":
-                report_windows(settings, client.query_api(), windows, retrier)
+                report_windows(source, windows, retrier)
                 return []
-            return load_windows(settings, connection, table, client.query_api(), windows, retrier, plan, now)
+            return load_windows(settings, connection, table, source, windows, retrier, plan, now)
     finally:
-        client.close()
+        source.close()
         if connection is not None:
             connection.close()
 
 
-def report_windows(settings: Settings, query_api, windows: Sequence[Window], retrier: Retrier) -> None:
+def report_windows(source: FluxSource | InfluxQLSource, windows: Sequence[Window], retrier: Retrier) -> None:
     for window in windows:
-        for hour, rows in rows_per_hour(extract_frame(query_api, settings, window, retrier), window).items():
+        for hour, rows in rows_per_hour(extract_frame(source, window, retrier), window).items():
             print(f"{iso(hour)}  {rows} rows")
 
 

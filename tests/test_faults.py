@@ -94,11 +94,18 @@ def test_transient_errors_are_retried(env, influx, capsys, faults, logged):
 
 
 def test_retry_after_is_honoured(env, influx, capsys):
-    influx.inject(Fault("status", status=429, retry_after=1.5))
+    influx.inject(Fault("status", status=429, retry_after=2, message="quota"))  # whole seconds, as real servers send it
     started = time.monotonic()
     code, _, err = call(capsys)
-    assert code == 0 and time.monotonic() - started >= 1.5
-    assert "retry 1 in 1.5s" in err
+    assert code == 0 and time.monotonic() - started >= 2
+    assert "WARNING InfluxDB is rate-limiting this organization (429: quota); retry 1 in 2.0s\n" in err
+
+
+def test_a_fractional_retry_after_is_honoured_too(env, influx, capsys):
+    influx.inject(Fault("status", status=503, retry_after=0.7, fractional=True, message="busy"))
+    code, _, err = call(capsys)
+    assert code == 0
+    assert "WARNING InfluxDB had a server error (503: busy); retry 1 in 0.7s\n" in err
 
 
 def test_retry_budget_bounds_the_waiting(env, influx, capsys, monkeypatch):
