@@ -1292,6 +1292,7 @@ class Loaded:
     rewritten: list[datetime]
     rows: int
     lacking: list[str] = field(default_factory=list)  # numeric columns of the table that the answer lacks
+    created: bool = False  # this load created the table
 
 
 def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: Window, **options) -> int:
@@ -1323,7 +1324,8 @@ def load_chunk(
     try:
         with connection.cursor() as cursor:
             fields = list(frame.columns.drop("time"))
-            types = ensure_table(cursor, table, fields) if write else table_columns(cursor, table)
+            existing = table_columns(cursor, table)
+            types = ensure_table(cursor, table, fields) if write else existing
             stored = extract_stored(cursor, table, types, window) if types else frame.iloc[:0]
             checks = compare_hours(frame, stored, window)
             rewritten = [hour for hour, check in checks.items() if check.differs or (replace and check.kept)]
@@ -1348,7 +1350,7 @@ def load_chunk(
                 connection.rollback()
         raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
     lacking = [c for c, kind in types.items() if c != "time" and is_numeric_column(kind) and c not in frame.columns]
-    return Loaded(checks, rewritten, rows, lacking)
+    return Loaded(checks, rewritten, rows, lacking, created=write and not existing)
 
 
 def rewrite_hours(
@@ -1646,7 +1648,7 @@ def load_windows(
     def load(chunk: Chunk, started: float) -> None:
         loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking))
         report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
-        if loaded[-1].lacking and not warned:
+        if (loaded[-1].lacking or loaded[-1].created) and not warned:
             warned.append(warn_of_skipped_fields(source, chunk.window))
 
     loaded: list[Loaded] = []
@@ -1685,8 +1687,9 @@ def load_windows(
 
 
 def warn_of_skipped_fields(source: FluxSource | InfluxQLSource, window: Window) -> bool:
-    """InfluxQL's mean(*) skips a field that is not a number without a word; when an answer
-    lacks a field the table has, ask which fields those are (once a run)."""
+    """InfluxQL's mean(*) skips a field that is not a number without a word. When the first
+    load creates the table, or an answer lacks a field the table has, ask which fields those
+    are (once a run, so an ordinary hourly call sends no extra query)."""
     if source.dialect != "influxql":
         return False
     fields = source.non_numeric_fields(window)

@@ -94,6 +94,35 @@ def loader_env(monkeypatch, tmp_path, influx, fresh_db):
     return settings
 
 
+def unavailable(reason: str) -> None:
+    """Skip a test whose real server or recorded cases are missing, saying why; under CI
+    (CI=true), where .ci/run installs everything, that is a failure instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: these tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def influxd_server():
+    """A real InfluxDB 1.x server, started for the session."""
+    from tests.influxd_server import ThrowawayInfluxd, influxd_missing_reason
+
+    reason = influxd_missing_reason()
+    if reason:
+        unavailable(reason)
+    server = ThrowawayInfluxd().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def influxd(influxd_server):
+    """The real server with a fresh, empty database `pulse_oximeter`."""
+    influxd_server.create_database("pulse_oximeter")
+    yield influxd_server
+    influxd_server.drop_database("pulse_oximeter")
+
+
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=timezone.utc)
 
