@@ -469,6 +469,14 @@ def do_keep(stream: list, args: dict) -> list:
     return regroup(as_tables(stream), lambda t: [k for k in t.key if k in kept], lambda t: [c for c in t.columns if c[0] in kept])
 
 
+def do_group(stream: list, args: dict) -> list:
+    """group(columns: [...]) (mode "by"): the new key, tables merged in arrival order."""
+    if args.get("mode", "by") != "by":
+        raise FluxError('group: only mode "by" is supported by this emulator')
+    wanted = list(args.get("columns", []))
+    return regroup(as_tables(stream), lambda t: [c for c in t.labels() if c in wanted], lambda t: list(t.columns))
+
+
 def do_pivot(stream: list, args: dict) -> list:
     row_key, column_key, value_column = args.get("rowKey", []), args.get("columnKey", []), args.get("valueColumn", "_value")
     builders: dict[tuple, dict] = {}
@@ -532,14 +540,17 @@ def do_selector(stream: list, args: dict, name: str) -> list:
     return out
 
 
-def execute(query: str, storage: Storage, now: int) -> list[tuple[str, list[Table]]]:
-    """Run the query; returns (result name, tables) per yield."""
+def execute(query: str, storage: Storage, now: int, inputs: list[Table] | None = None) -> list[tuple[str, list[Table]]]:
+    """Run the query; returns (result name, tables) per yield. `inputs` are the tables that a
+    pipeline starting with `tables()` reads: test cases that bypass storage."""
     results = []
     for pipeline in Parser(query).program():
         stream: list = []
         name = "_result"
         for fn_name, args in pipeline:
-            if fn_name == "from":
+            if fn_name == "tables" and inputs is not None:
+                stream = [Table(list(t.columns), list(t.key), dict(t.key_values), [list(r) for r in t.rows]) for t in inputs]
+            elif fn_name == "from":
                 stream = do_from(stream, args, storage)
             elif fn_name == "range":
                 stream = do_range(stream, args, storage, now)
@@ -555,6 +566,8 @@ def execute(query: str, storage: Storage, now: int) -> list[tuple[str, list[Tabl
                 stream = do_keep(stream, args)
             elif fn_name == "pivot":
                 stream = do_pivot(stream, args)
+            elif fn_name == "group":
+                stream = do_group(stream, args)
             elif fn_name in ("first", "last", "mean", "sum", "count", "min", "max"):
                 stream = do_selector(stream, args, fn_name)
             elif fn_name == "yield":
