@@ -67,6 +67,7 @@ class Fault:
     kind: "status" (status, retry_after, message), "error_table" (message, after
     the first `keep_rows` data rows), "truncate" (cut the body after `keep_bytes`),
     "reset" (close the connection without an answer), "slow" (wait `delay` first),
+    "slow_body" (send `keep_bytes` of the answer, wait `delay`, then the rest),
     "canned" (answer 200 with `body` instead), "gateway" (a 502, 503 or 504 as an HTML page
     from a load balancer, not JSON). Retry-After goes in whole seconds, as real servers send it.
     """
@@ -474,6 +475,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.write_chunk(answer[: fault.keep_bytes])
             self.close_abruptly()
             return
+        if fault and fault.kind == "slow_body":
+            self.write_chunk(answer[: fault.keep_bytes])
+            time.sleep(fault.delay)
+            answer = answer[fault.keep_bytes :]
         for i in range(0, len(answer), 65536):
             self.write_chunk(answer[i : i + 65536])
         self.wfile.write(b"0\r\n\r\n")

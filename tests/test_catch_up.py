@@ -189,24 +189,50 @@ def test_explicit_load_waits_for_the_lock(span12, influx, held_lock, capsys):
     assert ledger(span12["PG_CONNECT"]) == {DAY0 + timedelta(hours=10): 720}
 
 
-def test_two_loaders_at_once_leave_one_copy(span12, influx):
-    seed(influx, DAY0, 30)
+LOADER_AT = "import sys, datetime, health_metrics_loader as h; raise SystemExit(h.main(sys.argv[2:], now=datetime.datetime.fromisoformat(sys.argv[1])))"
+
+
+def start_loader(now, *argv: str) -> subprocess.Popen:
+    """The loader in a process of its own, with a fixed clock."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    runs = [
-        ["--from", "2021-07-12T00", "--to", "2021-07-13T04"],
-        ["--from", "2021-07-12T12", "--to", "2021-07-13T06"],
-        [],
-    ]
-    processes = [
-        subprocess.Popen([sys.executable, str(ROOT / "health_metrics_loader.py"), *argv], env=env, stderr=subprocess.PIPE, text=True)
-        for argv in runs
-    ]
-    results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
+    return subprocess.Popen([sys.executable, "-c", LOADER_AT, now.isoformat(), *argv], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def advisory_locks(url: str) -> list[bool]:
+    """`granted` of each advisory lock held or awaited on the server."""
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT granted FROM pg_locks WHERE locktype = 'advisory' ORDER BY granted DESC")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_three_loaders_at_once_meet_at_the_lock_and_leave_one_copy(span12, influx, monkeypatch):
+    """A blog-made table (no primary key: a lost lock would duplicate rows), one span, one clock.
+    The first loader holds the lock while its answer is slow; a second waits for it (seen in
+    pg_locks), a cron call steps aside; in the end every row is there once."""
+    from tests.test_load import make_blog_table
+
+    monkeypatch.setenv("CATCH_UP_HOURS", "6")
+    make_blog_table(span12["PG_CONNECT"])
+    seed(influx, DAY0, 6)
+    now = DAY0 + timedelta(hours=6, minutes=5)
+    influx.inject(Fault("slow", delay=3))
+    first = start_loader(now, "--from", "2021-07-12T00", "--to", "2021-07-12T06")
+    deadline = time.monotonic() + 20
+    while advisory_locks(span12["PG_CONNECT"]) != [True] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = start_loader(now, "-v", "--from", "2021-07-12T00", "--to", "2021-07-12T06")
+    while advisory_locks(span12["PG_CONNECT"]) != [True, False] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert advisory_locks(span12["PG_CONNECT"]) == [True, False], "the second loader never waited for the lock"
+    cron = start_loader(now)
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in (first, second, cron)]
     assert [code for code, _ in results] == [0, 0, 0], results
+    assert "waiting up to 300s for the lock on public.pox_five_second_mean" in results[1][1]
+    assert results[2][1].strip().endswith("another run is loading public.pox_five_second_mean; it will catch up, so this one stops here")
     with psycopg2.connect(span12["PG_CONNECT"]) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*), count(DISTINCT time) FROM pox_five_second_mean")
-        assert cursor.fetchone() == (30 * 720, 30 * 720)
-    assert_rows(stored(span12["PG_CONNECT"]), expected_rows(DAY0, 30))
+        assert cursor.fetchone() == (6 * 720 + 2, 6 * 720 + 2)  # and the blog's two rows of hour 13
+    assert "(6 hours already up to date)" in results[1][1]  # the second found the first's rows and rewrote none
 
 
 # -- The blog's table, and schedulers ---------------------------------------------------------
@@ -228,6 +254,27 @@ def test_blog_table_is_caught_up_without_losing_rows(span12, influx, capsys):
         assert cursor.fetchone() == (720 + 2, 720 + 2)
     assert ledger(span12["PG_CONNECT"])[DAY0 + timedelta(hours=13)] == 2
     assert ledger(span12["PG_CONNECT"])[DAY0 + timedelta(hours=12)] == 720
+
+
+def test_catch_up_and_status_on_a_server_in_another_time_zone(span12, influx, capsys, pg):
+    """The server's zone is New York's, the blog's table has naive times: the loader's session is UTC."""
+    from tests.test_load import make_blog_table
+
+    database = span12["PG_CONNECT"].rsplit("/", 1)[1]
+    pg.cursor().execute(f"ALTER DATABASE {database} SET timezone = 'America/New_York'")
+    make_blog_table(span12["PG_CONNECT"])  # 13:00:05 and 14:00:00, naive UTC
+    seed(influx, DAY0 + timedelta(hours=3), 9)
+    code, _, err = cron(capsys, DAY0 + timedelta(hours=12, minutes=5))
+    assert code == 0, err
+    assert ledger(span12["PG_CONNECT"]) == {hour: 720 if hour.hour >= 3 else 0 for hour in hours(DAY0, 12)}
+    with psycopg2.connect(span12["PG_CONNECT"]) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT min(time)::text, max(time)::text, count(*) FROM pox_five_second_mean WHERE time < '2021-07-12 13:00'")
+        assert cursor.fetchone() == ("2021-07-12 03:00:05", "2021-07-12 12:00:00", 9 * 720)
+    code = hml.main(["--status", "--days", "1"], now=DAY0 + timedelta(hours=12, minutes=10))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0] == "newest loaded hour: 2021-07-12T11:00:00Z (720 rows), loaded 5 minutes ago"
+    assert out.splitlines()[2] == "  2021-07-12  " + "ooo" + "#" * 9 + " " * 12 + "  12/24    6480 rows"
 
 
 def test_load_window_for_schedulers(span12, influx):

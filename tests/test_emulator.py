@@ -101,10 +101,25 @@ def test_mean_of_a_string_field_fails_like_influxdb():
 
 
 def test_integer_means_are_doubles_and_mixed_uids_merge():
+    """Two devices: the means are doubles, and dropping uid merges their tables, so pivot keeps
+    one row per time with the value of the table that came last (uid B)."""
     emulator = Emulator()
-    emulator.write_lines("pulse_oximeter", f"spo2,uid=A pulse=1i {H14}\nspo2,uid=A pulse=2i {H14 + 1}", precision="s")
-    assert b"double" in emulator.answer(TARGET, ("datatype",))
-    assert b"1.5" in emulator.answer(TARGET, ("datatype",))
+    lines = [
+        f"spo2,uid=A pulse=1i {H14}",
+        f"spo2,uid=A pulse=2i {H14 + 1}",
+        f"spo2,uid=B pulse=7i {H14 + 2}",
+        f"spo2,uid=B spo2=97.5 {H14 + 6}",
+    ]
+    emulator.write_lines("pulse_oximeter", "\n".join(lines), precision="s")
+    assert emulator.answer(TARGET, ("datatype", "group", "default")).decode() == (
+        "#datatype,string,long,dateTime:RFC3339,double,double\r\n"
+        "#group,false,false,false,false,false\r\n"
+        "#default,_result,,,,\r\n"
+        ",result,table,_time,pulse,spo2\r\n"
+        ",,0,2021-07-12T14:00:05Z,7,\r\n"
+        ",,0,2021-07-12T14:00:10Z,,97.5\r\n"
+        "\r\n"
+    )
 
 
 # -- Line protocol and formatting ------------------------------------------------------------

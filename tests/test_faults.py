@@ -130,6 +130,55 @@ def test_a_slow_answer_times_out_and_is_retried(env, influx, capsys, monkeypatch
     assert_complete(env["PG_CONNECT"])
 
 
+def test_a_body_that_stalls_after_the_headers_times_out_and_is_retried(env, influx, capsys, monkeypatch):
+    """QUERY_TIMEOUT bounds each wait for the next bytes, after the headers too."""
+    monkeypatch.setenv("QUERY_TIMEOUT", "0.5")
+    influx.inject(Fault("slow_body", keep_bytes=500, delay=1.5))
+    code, _, err = call(capsys)
+    assert code == 0, err
+    assert "did not answer (" in err and "retry 1" in err
+    assert_complete(env["PG_CONNECT"])
+
+
+@pytest.mark.parametrize(("status", "title"), [(502, "502 Bad Gateway"), (503, "503 Service Unavailable"), (504, "504 Gateway Time-out")])
+def test_a_gateway_page_is_one_short_line(env, influx, capsys, monkeypatch, status, title):
+    monkeypatch.setenv("RETRY_BUDGET", "0")
+    influx.inject(Fault("gateway", status=status))
+    code, _, err = call(capsys)
+    assert code == 1
+    assert (
+        error_line(err)
+        == f"health_metrics_loader: error: InfluxDB had a server error ({status}: {title}); gave up after 1 try (RETRY_BUDGET 0s)"
+    )
+
+
+def test_status_with_postgresql_down(env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("PG_CONNECT", env["PG_CONNECT"].rsplit(":", 1)[0] + f":{free_port()}/x")
+    code, out, err = call(capsys, ["--status"])
+    assert code == 1 and out == ""
+    line = error_line(err)
+    assert line.startswith("health_metrics_loader: error: cannot connect to PostgreSQL (connection to server at ")
+    assert "Connection refused" in line and line.endswith("): check PG_CONNECT")
+
+
+def test_a_wrong_organisation_id_is_named(env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("ORG", "0123456789abcdef")
+    code, _, err = call(capsys)
+    assert code == 1
+    assert error_line(err) == (
+        "health_metrics_loader: error: InfluxDB found no such bucket or organization "
+        "(404: failed to decode request body: organization not found: 0123456789abcdef): check INFLUX_BUCKET and ORG"
+    )
+
+
+def test_a_password_that_reaches_a_message_is_masked(env, influx, capsys, monkeypatch):
+    """libpq never echoes the password, so make it part of the database name, which it does echo."""
+    monkeypatch.setenv("PG_CONNECT", env["PG_CONNECT"].rsplit("/", 1)[0] + f"/{PASSWORD}_archive")
+    code, _, err = call(capsys)
+    assert code == 1
+    assert 'database "***_archive" does not exist' in error_line(err)
+
+
 @pytest.mark.parametrize(
     ("attempt", "jitter", "delay"),
     [(0, 0.0, 0.5), (0, 1.0, 1.0), (1, 0.0, 1.0), (3, 1.0, 8.0), (10, 1.0, 60.0)],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -83,11 +84,49 @@ def test_dry_run_reports_and_writes_nothing(loader_env, influx, capsys):
         assert cursor.fetchone() == (None,)
 
 
-def test_empty_hour_is_a_success(loader_env, influx, capsys):
+def test_empty_hour_is_a_success(loader_env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("CATCH_UP_HOURS", "1")
     code, _, err = run([], capsys)
     assert code == 0, err
-    assert "0 rows" in err
+    assert re.fullmatch(r"\S+ INFO loaded 2021-07-12T14:00:00Z\.\.2021-07-12T15:00:00Z: 0 rows in \d+\.\d\ds\n", err), err
     assert stored(loader_env["PG_CONNECT"], columns="*") == []
+
+
+def test_a_new_field_gets_a_column_end_to_end(loader_env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("CATCH_UP_HOURS", "2")
+    influx.write_lines("pulse_oximeter", line_protocol(H14 - timedelta(hours=1), 1), precision="s")
+    assert run([], capsys, now=NOW - timedelta(hours=1))[0] == 0
+    influx.write_lines("pulse_oximeter", line_protocol(H14, 1) + f"spo2,uid=A temp=36.6 {int(H14.timestamp()) + 1}\n", precision="s")
+    code, _, err = run([], capsys)
+    assert code == 0, err
+    assert "INFO new field temp: adding a column to public.pox_five_second_mean\n" in err
+    rows = stored(loader_env["PG_CONNECT"], columns="time, temp")
+    assert [r for r in rows if r[1] is not None] == [(H14 + timedelta(seconds=5), 36.6)] and len(rows) == 2 * 720
+
+
+def test_env_file_beside_the_script(loader_env, influx, capsys, tmp_path, monkeypatch):
+    """Cron may start the script from another folder: a .env beside the script is read too."""
+    home = tmp_path / "app"
+    home.mkdir()
+    (home / "health_metrics_loader.py").write_text((ROOT / "health_metrics_loader.py").read_text())
+    (home / ".env").write_text(f"TOKEN={TOKEN}\nPG_TABLE=from_env_beside_the_script\n")
+    (home / ".env").chmod(0o600)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKEN", "PG_TABLE")}
+    result = subprocess.run(
+        [sys.executable, str(home / "health_metrics_loader.py")], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert stored(loader_env["PG_CONNECT"], "from_env_beside_the_script", columns="*") == []
+
+
+def test_an_organisation_id_is_taken_like_its_name(loader_env, influx, capsys, monkeypatch):
+    monkeypatch.setenv("CATCH_UP_HOURS", "1")
+    monkeypatch.setenv("ORG", influx.org_id)
+    influx.write_lines("pulse_oximeter", line_protocol(H14, 1), precision="s")
+    assert run([], capsys)[0] == 0
+    assert_rows(stored(loader_env["PG_CONNECT"]), expected_rows(H14, 1))
 
 
 def test_blog_table_is_appended_to(loader_env, influx, capsys):
