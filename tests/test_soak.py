@@ -124,19 +124,21 @@ def run_sequence(index: int, settings, influx, admin, stats: Counter) -> None:
     stats["sequences"] += 1
 
 
-def test_fault_soak(soak_env, influx, pg):
+@pytest.mark.parametrize(("dialect", "sequences"), [("flux", SEQUENCES), ("influxql", max(1, SEQUENCES // 4))])
+def test_fault_soak(soak_env, influx, pg, dialect, sequences):
     stats: Counter = Counter()
     only = os.environ.get("SOAK_ONLY")
-    for index in [int(only)] if only else range(SEQUENCES):
+    settings = dataclasses.replace(soak_env, query_language=dialect)
+    for index in [int(only)] if only else range(sequences):
         try:
-            run_sequence(index, soak_env, influx, pg, stats)
+            run_sequence(index, settings, influx, pg, stats)
         except AssertionError as exc:
             raise AssertionError(f"soak sequence {index} (SOAK_SEED={SEED} SOAK_ONLY={index}): {exc}") from exc
     faults = {k: stats[k] for k in KINDS}
     print(
-        f"\nsoak: {stats['sequences']} sequences, {stats['runs ok'] + stats['runs failed']} faulty runs "
+        f"\nsoak ({dialect}): {stats['sequences']} sequences, {stats['runs ok'] + stats['runs failed']} faulty runs "
         f"({stats['runs failed']} failed), {sum(faults.values())} faults {faults}, {stats['retry waits']} retries, "
         f"{stats['rows checked']} rows checked, 0 lost"
     )
-    assert stats["sequences"] == (1 if only else SEQUENCES)
+    assert stats["sequences"] == (1 if only else sequences)
     assert all(faults[k] > 0 for k in KINDS) or only
