@@ -8,20 +8,25 @@ timing starts, so its own cost is counted on neither side. Each measured program
 as its own process: wall time from start to exit, peak RSS from the kernel (wait4).
 
 Measured:
-- the loader: a backfill of --days days and of one day through --from/--to, and the
-  hourly cron call (one missing hour);
+- the loader: a backfill of --days days and of one day through --from/--to, the hourly
+  cron call (one missing hour) without and with its re-check of the hours before it,
+  and a --verify of the whole backfill;
+- the loader with INFLUX_QUERY_LANGUAGE=influxql: the same backfill from the emulator's
+  /query and, where influxd is installed, from a real InfluxDB 1.x holding the same points;
 - the blog's pipeline on the same data and database: query_data_frame, then
   to_sql(if_exists="append"), hour by hour, with the one change pandas 2 needs; once
   looping over all hours in one process (generous to it: imports paid once), and once
   as cron runs the blog's script, a process per hour (--blog-processes hours of it,
   scaled to the whole span);
 - the floor: the bare import of the dependencies, pandas.read_csv of the same
-  annotated-CSV bytes, and COPY ... FROM STDIN of the same rows.
+  annotated-CSV bytes (for InfluxQL: json.loads of the same JSON), and COPY ... FROM
+  STDIN of the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -138,6 +143,35 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, pandas {pd.__version__}"
 
 
+def prepare_influxql(emulator: Emulator, settings: hml.Settings, window: hml.Window) -> bytes:
+    """Ask the emulator's /query once, as the loader will: its answer is then memoised."""
+    import urllib.parse
+    import urllib.request
+
+    params = {"db": settings.bucket, "q": hml.influxql_query(settings, window), "epoch": "ns", "chunked": "true"}
+    request = urllib.request.Request(f"{emulator.url}/query?{urllib.parse.urlencode(params)}", headers={"Authorization": f"Token {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        return answer.read()
+
+
+def start_influxd(start: datetime, days: int):
+    """A real InfluxDB 1.x holding the same points, or None where influxd is not installed."""
+    from tests.influxd_server import ThrowawayInfluxd, influxd_missing_reason
+
+    if influxd_missing_reason():
+        print(f"influxd: {influxd_missing_reason()}; its row is left out", flush=True)
+        return None
+    server = ThrowawayInfluxd().start()
+    server.create_database("pulse_oximeter")
+    first = int(start.timestamp())
+    for day in range(days + 1):
+        seconds = range(first + day * 86400, first + (day + 1) * 86400)
+        lines = "\n".join(f"spo2,uid=A pulse={p}i,spo2={s} {t}" for t in seconds for p, s in [reading(t)])
+        server.write("pulse_oximeter", lines, precision="s")
+    print(f"influxd {server.url} holds the same {days + 1} days", flush=True)
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=30)
@@ -168,31 +202,65 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, tuple[float, float, int, int]] = {}
     try:
 
-        def loader_run(name: str, first: datetime, stop: datetime) -> None:
+        def loader_run(name: str, first: datetime, stop: datetime, extra: dict | None = None, queries=lambda: len(emulator.queries)) -> str:
             runs = []
             for i in range(args.repeat):
                 url = fresh_database(server.url, f"bench_{i}")
                 emulator.queries.clear()
-                wall, rss, _ = measure([*loader, "--from", hml.iso(first), "--to", hml.iso(stop)], {**env, "PG_CONNECT": url})
-                runs.append((wall, rss, row_count(url), len(emulator.queries)))
+                before = queries()
+                wall, rss, _ = measure(
+                    [*loader, "--from", hml.iso(first), "--to", hml.iso(stop)], {**env, "PG_CONNECT": url, **(extra or {})}
+                )
+                runs.append((wall, rss, row_count(url), queries() - before))
             results[name] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[0][2], runs[0][3])
+            return url
 
-        loader_run(f"loader, {args.days}-day backfill", start, end)
+        backfilled = loader_run(f"loader, {args.days}-day backfill", start, end)
         loader_run("loader, 1-day backfill", start, start + timedelta(days=1))
 
+        for name, recheck in (("loader, hourly cron call", "0"), ("  the same, re-checking 6 hours", "6")):
+            runs = []
+            for i in range(args.repeat):
+                url = fresh_database(server.url, f"bench_h{i}")
+                subprocess.run(
+                    [*loader, "-q", "--from", hml.iso(end - timedelta(hours=71)), "--to", hml.iso(end)],
+                    env={**env, "PG_CONNECT": url},
+                    check=True,
+                )
+                before = row_count(url)
+                emulator.queries.clear()
+                wall, rss, err = measure(loader, {**env, "PG_CONNECT": url, "RECHECK_HOURS": recheck})
+                runs.append((wall, rss, row_count(url) - before, len(emulator.queries)))
+            results[name] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[0][2], runs[0][3])
+
         runs = []
-        for i in range(args.repeat):
-            url = fresh_database(server.url, f"bench_h{i}")
-            subprocess.run(
-                [*loader, "-q", "--from", hml.iso(end - timedelta(hours=71)), "--to", hml.iso(end)],
-                env={**env, "PG_CONNECT": url},
-                check=True,
-            )
-            before = row_count(url)
+        for _ in range(args.repeat):
             emulator.queries.clear()
-            wall, rss, err = measure(loader, {**env, "PG_CONNECT": url})
-            runs.append((wall, rss, row_count(url) - before, len(emulator.queries)))
-        results["loader, hourly cron call"] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs), runs[0][2], runs[0][3])
+            wall, rss, _ = measure([*loader, "--verify", "--from", hml.iso(start), "--to", hml.iso(end)], {**env, "PG_CONNECT": backfilled})
+            runs.append((wall, rss, row_count(backfilled), len(emulator.queries)))
+        results[f"loader, {args.days}-day --verify"] = (
+            statistics.median(r[0] for r in runs),
+            max(r[1] for r in runs),
+            runs[0][2],
+            runs[0][3],
+        )
+
+        influxql = {"INFLUX_QUERY_LANGUAGE": "influxql"}
+        ql_settings = dataclasses.replace(settings, query_language="influxql")
+        json_bodies = [prepare_influxql(emulator, ql_settings, w) for w in day_windows]
+        loader_run(f"influxql, {args.days} days, emulator", start, end, influxql)
+        real = start_influxd(start, args.days)
+        if real:
+            try:
+                loader_run(
+                    f"influxql, {args.days} days, influxd 1.x",
+                    start,
+                    end,
+                    {**influxql, "CONNECTION": real.url},
+                    queries=real.queries_answered,
+                )
+            finally:
+                real.stop()
 
         if not args.skip_blog:
             url = fresh_database(server.url, "bench_blog")
@@ -222,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         frames = [pd.read_csv(io.BytesIO(body[: body.rindex(b"\r\n\r\n")]), comment="#") for body in bodies[: args.days]]
         read_csv = time.perf_counter() - started
+        started = time.perf_counter()
+        for body in json_bodies[: args.days]:
+            [json.loads(line) for line in body.splitlines()]
+        read_json = time.perf_counter() - started
         rows = pd.concat(frames)[["_time", "pulse", "spo2"]].to_csv(header=False, index=False).encode()
         url = fresh_database(server.url, "bench_copy")
         with psycopg2.connect(url) as connection, connection.cursor() as cursor:
@@ -251,6 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loader vs the blog's pipeline in one process: {in_one_process / backfill:.1f}x faster (target >= 20)")
         print(f"loader vs the blog's script as cron runs it: {as_cron / backfill:.0f}x faster")
     print(f"hourly cron call / bare imports: {results['loader, hourly cron call'][0] / imports:.2f}x (target <= 1.5)")
+    hourly = results["loader, hourly cron call"][0]
+    print(
+        f"hourly call re-checking 6 hours / plain hourly call: {results['  the same, re-checking 6 hours'][0] / hourly:.2f}x (target <= 1.2)"
+    )
+    print(
+        f"{args.days}-day --verify / {args.days}-day backfill: {results[f'loader, {args.days}-day --verify'][0] / backfill:.2f}x (target <= 1.5)"
+    )
+    ql_floor = imports + read_json + copy
+    print(f"InfluxQL floor: imports {imports:.2f}s, json.loads {read_json:.2f}s, COPY {copy:.2f}s; {args.days}-day floor {ql_floor:.2f}s")
+    for name in (f"influxql, {args.days} days, emulator", f"influxql, {args.days} days, influxd 1.x"):
+        if name in results:
+            print(f"{name} / InfluxQL floor: {results[name][0] / ql_floor:.2f}x (target <= 2)")
     return 0
 
 

@@ -8,6 +8,7 @@ conformance cases had.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,6 +131,12 @@ class ThrowawayInfluxd:
             status, _, body = self.request("POST", "/write", {"db": database, "precision": precision}, payload, headers=self.headers())
             if status != 204:
                 raise RuntimeError(f"influxd refused the write: {status} {body[:300]!r}")
+
+    def queries_answered(self) -> int:
+        """How many /query requests the server has taken (its own httpd statistics)."""
+        with urllib.request.urlopen(self.url + "/debug/vars", timeout=10) as answer:
+            stats = json.loads(answer.read())
+        return next(v["values"].get("queryReq", 0) for k, v in stats.items() if k.startswith("httpd"))
 
     def drop_database(self, name: str) -> None:
         self.query(f'DROP DATABASE "{name}"')

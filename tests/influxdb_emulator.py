@@ -170,6 +170,17 @@ class Emulator:
             self.cache[key] = (generation, body)
         return body
 
+    def influxql_answer(self, query: str, database: str) -> list:
+        """InfluxQL's series for a statement; memoised until the next write, like `answer`."""
+        key = ("influxql", query, database)
+        hit = self.cache.get(key)
+        if hit and hit[0] == self.storage.generation:
+            return hit[1]
+        generation = self.storage.generation
+        series = influxql.execute(query, database, self.storage)
+        self.cache[key] = (generation, series)
+        return series
+
     # Serving
     def start(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None) -> str:
         """Serve in a thread; `tls` is (certificate file, key file) for https."""
@@ -414,7 +425,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         epoch = bool(get.get("epoch"))
         chunk_size = int(get.get("chunk_size") or 10000) if get.get("chunked") == "true" else None
         try:
-            series = influxql.execute(query, get.get("db", ""), self.emulator.storage)
+            series = self.emulator.influxql_answer(query, get.get("db", ""))
         except influxql.ParseError as exc:
             self.send_v1_error(400, f"error parsing query: {exc}")
             return

@@ -13,4 +13,7 @@ def test_benchmark_runs_on_one_day(capsys):
     rows = dict(re.findall(r"^(loader, 1-day backfill|blog pipeline, 1 days) .*?MiB\s+([\d,]+)", out, re.M))
     assert rows == {"loader, 1-day backfill": "17,280", "blog pipeline, 1 days": "17,280"}
     assert re.search(r"^loader, hourly cron call .* 720\s+1$", out, re.M)
+    assert re.search(r"^  the same, re-checking 6 hours .* 720\s+1$", out, re.M)
+    assert re.search(r"^loader, 1-day --verify .* 17,280\s+1$", out, re.M)
+    assert re.search(r"^influxql, 1 days, emulator .* 17,280\s+2$", out, re.M)  # the day, and the new table's field check
     assert "floor: import the dependencies" in out
