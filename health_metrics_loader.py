@@ -1646,38 +1646,42 @@ def load_windows(
         return prepare_chunk(extract_frame(source, window, retrier), window)
 
     def load(chunk: Chunk, started: float) -> None:
+        nonlocal asked_for_types
         loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking))
         report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
-        if (loaded[-1].lacking or loaded[-1].created) and not warned:
-            warned.append(warn_of_skipped_fields(source, chunk.window))
+        if (loaded[-1].lacking or loaded[-1].created) and not asked_for_types:
+            asked_for_types = warn_of_skipped_fields(source, chunk.window)
+
+    def load_hour_by_hour(window: Window, failure: DataError) -> None:
+        if len(window.hours()) == 1:
+            failures[window.start] = str(failure)
+            return
+        log.warning("%s cannot be stored as it is (%s); loading its hours one by one", window, failure)
+        for hour in window.hours():
+            try:
+                chunk = prepare(Window(hour, hour + HOUR))
+            except DataError as exc:
+                failures[hour] = str(exc)
+                continue
+            load(chunk, time.monotonic())
 
     loaded: list[Loaded] = []
-    warned: list[bool] = []
+    asked_for_types = False
     failures: dict[datetime, str] = {}
     try:
         upcoming = in_background(prepare, windows[0])
         for index, window in enumerate(windows):
             started = time.monotonic()
             try:
-                chunk = upcoming.result()
+                chunk, failure = upcoming.result(), None
             except DataError as exc:
                 chunk, failure = None, exc
             if index + 1 < len(windows):
                 upcoming = in_background(prepare, windows[index + 1])
-            if chunk is not None:
+            if failure is None:
                 load(chunk, started)
-                continue
-            if len(window.hours()) > 1:
-                log.warning("%s cannot be stored as it is (%s); loading its hours one by one", window, failure)
-            for hour in window.hours():
-                try:
-                    chunk = prepare(Window(hour, hour + HOUR)) if len(window.hours()) > 1 else None
-                except DataError as exc:
-                    chunk, failure = None, exc
-                if chunk is None:
-                    failures[hour] = str(failure)
-                else:
-                    load(chunk, time.monotonic())
+            else:
+                load_hour_by_hour(window, failure)
     except BaseException:
         retrier.stop()  # a pending fetch gives up instead of holding the run
         raise
@@ -1746,7 +1750,7 @@ def run(
     """Carry out the plan; returns what each window's load found and did."""
     now = now or datetime.now(timezone.utc)
     retrier = Retrier(settings.retry_budget, sleep=sleep)
-    connection = None
+    connection, table = None, settings.table
     source = open_source(settings)
     try:
         with database_errors():

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         def loader_run(name: str, first: datetime, stop: datetime, extra: dict | None = None, queries=lambda: len(emulator.queries)) -> str:
             runs = []
             for i in range(args.repeat):
-                url = fresh_database(server.url, f"bench_{i}")
+                url = fresh_database(server.url, f"bench_{len(results)}_{i}")
                 emulator.queries.clear()
                 before = queries()
                 wall, rss, _ = measure(

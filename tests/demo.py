@@ -2,7 +2,8 @@
 
 Starts the InfluxDB emulator with six hours of synthetic 1 Hz pulse-oximeter data
 and a throwaway PostgreSQL, runs the real loader against them (a backfill of the first
-three hours, then the cron call, which catches up on the rest), and prints what it loaded.
+three hours, then the cron call, which catches up on the rest, then --verify), loads the
+same hours again through InfluxQL into a second table, and prints what it loaded.
 
     .venv/bin/python -m tests.demo
 """
@@ -49,6 +50,15 @@ def report(url: str) -> None:
             print(f"  {time_:%Y-%m-%d %H:%M:%S%z}  pulse {pulse:<6g}  spo2 {spo2:.2f}")
 
 
+def same_rows(url: str) -> bool:
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM ((TABLE pox_five_second_mean EXCEPT TABLE pox_via_influxql)"
+            " UNION ALL (TABLE pox_via_influxql EXCEPT TABLE pox_five_second_mean)) AS differences"
+        )
+        return cursor.fetchone()[0] == 0
+
+
 def main() -> int:
     now = datetime.now(timezone.utc)
     last = hml.previous_hour(now)
@@ -63,8 +73,13 @@ def main() -> int:
     try:
         loader(env, "--from", hml.iso(first), "--to", hml.iso(first + timedelta(hours=3)))
         loader(env)
+        loader(env, "--verify", "--from", hml.iso(first), "--to", hml.iso(last.stop))
         loader(env, "--status", "--days", "2")
         report(server.url)
+        influxql = {**env, "INFLUX_QUERY_LANGUAGE": "influxql", "PG_TABLE": "pox_via_influxql"}
+        print("\nThe same hours through InfluxQL (INFLUX_QUERY_LANGUAGE=influxql), into the table pox_via_influxql:", end="")
+        loader(influxql, "--from", hml.iso(first), "--to", hml.iso(last.stop))
+        print(f"\nThe two tables hold the same rows: {'yes' if same_rows(server.url) else 'NO'}")
     finally:
         server.stop()
         emulator.stop()

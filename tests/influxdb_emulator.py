@@ -234,18 +234,22 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("X-Influxdb-Build", "OSS")
         self.send_header("X-Influxdb-Version", VERSION)
 
-    def send_json(self, status: int, payload: dict, extra: dict | None = None) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+    def send_body(self, status: int, body: bytes, content_type: str, extra: dict | None = None, from_influxdb: bool = True) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        if "code" in payload:
-            self.send_header("X-Platform-Error-Code", payload["code"])
+        self.send_header("Content-Type", content_type)
         for k, v in (extra or {}).items():
             self.send_header(k, v)
-        self.version_headers()
+        if from_influxdb:  # a load balancer's own page carries no InfluxDB headers
+            self.version_headers()
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def send_json(self, status: int, payload: dict, extra: dict | None = None) -> None:
+        """InfluxDB 2's shape: {"code","message"} with X-Platform-Error-Code, no trailing newline."""
+        code = {"X-Platform-Error-Code": payload["code"]} if "code" in payload else {}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        self.send_body(status, body, "application/json; charset=utf-8", {**code, **(extra or {})})
 
     def send_error_json(self, code: str, message: str, extra: dict | None = None, status: int | None = None) -> None:
         self.send_json(status or STATUS_BY_CODE.get(code, 500), {"code": code, "message": message}, extra)
@@ -300,15 +304,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         return True
 
     def send_v1_error(self, status: int, message: str, extra: dict | None = None) -> None:
+        """InfluxDB 1.x's shape: {"error"} and a newline."""
         body = (json.dumps({"error": message}, separators=(",", ":")) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.version_headers()
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_body(status, body, "application/json", extra)
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
@@ -459,11 +457,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return False
         if fault and fault.kind == "gateway":
             page = (fault.body or GATEWAY_PAGES.get(fault.status, GATEWAY_PAGES[502])).encode()
-            self.send_response(fault.status)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            self.send_body(fault.status, page, "text/html", from_influxdb=False)
             return False
         if fault and fault.kind == "reset":
             self.close_abruptly()

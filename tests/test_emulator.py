@@ -261,6 +261,38 @@ def test_fault_429_with_retry_after(influx, client):
     assert client.query_api().query_raw(TARGET).data.startswith(b"#datatype")  # one fault, one request
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (400, "invalid", "compilation failed: error @1:1-1:5: undefined identifier"),
+        (401, "unauthorized", "unauthorized access"),
+        (403, "forbidden", "insufficient permissions for read:orgs/04014de4ed590000/buckets"),
+        (404, "not found", "failed to initialize execute state: could not find bucket"),
+        (429, "too many requests", "org 04014de4ed590000 has exceeded limited_read plan limit"),
+        (503, "unavailable", "service unavailable"),
+        (500, "internal error", "internal error"),
+    ],
+)
+def test_injected_statuses_carry_the_real_code_and_message(influx, status, code, message):
+    influx.inject(Fault("status", status=status))
+    got, headers, body = request(influx.url, "/api/v2/query?org=" + ORG, query_body(TARGET), AUTH)
+    assert (got, headers["X-Platform-Error-Code"], json.loads(body)) == (status, code, {"code": code, "message": message})
+
+
+@pytest.mark.parametrize(("retry_after", "fractional", "header"), [(1.5, False, "2"), (0, False, "0"), (7, False, "7"), (1.5, True, "1.5")])
+def test_retry_after_goes_in_whole_seconds_unless_asked(influx, retry_after, fractional, header):
+    influx.inject(Fault("status", status=429, retry_after=retry_after, fractional=fractional))
+    _, headers, _ = request(influx.url, "/api/v2/query?org=" + ORG, query_body(TARGET), AUTH)
+    assert headers["Retry-After"] == header
+
+
+def test_a_gateway_page_is_html_without_influxdb_headers(influx):
+    influx.inject(Fault("gateway", status=502))
+    status, headers, body = request(influx.url, "/api/v2/query?org=" + ORG, query_body(TARGET), AUTH)
+    assert (status, headers["Content-Type"], "X-Influxdb-Version" in headers) == (502, "text/html", False)
+    assert b"<title>502 Bad Gateway</title>" in body
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_fault_5xx(influx, client, status):
     influx.inject(Fault("status", status=status))
