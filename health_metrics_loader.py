@@ -631,8 +631,14 @@ def hour_of(times: pd.Series) -> pd.Series:
 
 
 def per_hour(times: pd.Series, window: Window) -> dict[datetime, int]:
-    counts = {stamp.to_pydatetime(): int(n) for stamp, n in hour_of(times).value_counts().items()}
-    return {hour: counts.get(hour, 0) for hour in window.hours()}
+    """How many of `times` fall in each hour of the window (hour H: (H, H+1h])."""
+    import numpy as np
+
+    hours = window.hours()
+    micros = times.to_numpy(dtype="datetime64[us]").view("int64")
+    index = (micros - 1 - int(window.start.timestamp()) * 10**6) // (3600 * 10**6)
+    counts = np.bincount(index[(index >= 0) & (index < len(hours))], minlength=len(hours))
+    return dict(zip(hours, counts.tolist()))
 
 
 def rows_per_hour(frame: pd.DataFrame, window: Window) -> dict[datetime, int]:
@@ -662,6 +668,9 @@ def compare_hours(answer: pd.DataFrame, stored: pd.DataFrame, window: Window, re
     """
     import numpy as np
 
+    if stored.empty:  # the common case of a first load: every answered row is missing
+        answered = per_hour(answer["time"], window)
+        return {hour: HourCheck(answered=n, stored=0, missing=n) for hour, n in answered.items()}
     fields = sorted((set(answer.columns) | set(stored.columns)) - {"time"})
     ours, theirs = (f.reindex(columns=["time", *fields]).astype({"time": "datetime64[us, UTC]"}) for f in (answer, stored))
     both = ours.merge(theirs.drop_duplicates("time"), on="time", how="outer", suffixes=("", " stored"), indicator=True)

@@ -170,16 +170,17 @@ class Emulator:
             self.cache[key] = (generation, body)
         return body
 
-    def influxql_answer(self, query: str, database: str) -> list:
-        """InfluxQL's series for a statement; memoised until the next write, like `answer`."""
-        key = ("influxql", query, database)
+    def influxql_answer(self, query: str, database: str, epoch: bool, chunk_size: int | None, as_csv: bool) -> bytes:
+        """The body for an InfluxQL statement that succeeds; memoised until the next write, like `answer`."""
+        key = ("influxql", query, database, epoch, chunk_size, as_csv)
         hit = self.cache.get(key)
         if hit and hit[0] == self.storage.generation:
             return hit[1]
         generation = self.storage.generation
         series = influxql.execute(query, database, self.storage)
-        self.cache[key] = (generation, series)
-        return series
+        body = (influxql.encode_csv(series, epoch) if as_csv else influxql.encode_json(series, epoch, chunk_size)).encode()
+        self.cache[key] = (generation, body)
+        return body
 
     # Serving
     def start(self, host: str = "127.0.0.1", port: int = 0, tls: tuple[str, str] | None = None) -> str:
@@ -423,7 +424,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         epoch = bool(get.get("epoch"))
         chunk_size = int(get.get("chunk_size") or 10000) if get.get("chunked") == "true" else None
         try:
-            series = self.emulator.influxql_answer(query, get.get("db", ""))
+            answer = self.emulator.influxql_answer(query, get.get("db", ""), epoch, chunk_size, as_csv)
         except influxql.ParseError as exc:
             self.send_v1_error(400, f"error parsing query: {exc}")
             return
@@ -432,15 +433,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.send_stream(answer.encode(), "text/csv" if as_csv else "application/json", fault)
             return
         if fault and fault.kind == "canned":
-            answer = fault.body
-        elif as_csv:
-            answer = influxql.encode_csv(series, epoch)
-        else:
-            answer = influxql.encode_json(series, epoch, chunk_size)
-            if fault and fault.kind == "error_table":
-                first = influxql.encode_json(series, epoch, max(1, fault.keep_rows)).splitlines()[0]
-                answer = first + "\n" + influxql.statement_error(fault.message or "internal error")
-        self.send_stream(answer.encode(), "text/csv" if as_csv else "application/json", fault)
+            answer = fault.body.encode()
+        elif fault and fault.kind == "error_table" and not as_csv:
+            rows = self.emulator.influxql_answer(query, get.get("db", ""), epoch, max(1, fault.keep_rows), False)
+            answer = rows.splitlines()[0] + b"\n" + influxql.statement_error(fault.message or "internal error").encode()
+        self.send_stream(answer, "text/csv" if as_csv else "application/json", fault)
 
     def failed_by_fault(self) -> Fault | None | bool:
         """Apply the next fault that replaces an answer; False when it has answered already."""
