@@ -469,7 +469,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.send_header("Vary", "Accept-Encoding")
         if gzipped:
             self.send_header("Content-Encoding", "gzip")
-            answer = gzip.compress(answer)
+            answer = gzip.compress(answer, compresslevel=6)  # Go's default, which InfluxDB uses
         self.send_header("Transfer-Encoding", "chunked")
         self.version_headers()
         self.end_headers()
