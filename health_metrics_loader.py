@@ -1032,9 +1032,11 @@ def table_columns(cursor, table: tuple[str, ...]) -> dict[str, str]:
     return dict(cursor.fetchall())
 
 
-def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str]) -> dict[str, str]:
-    """Create the table, or add a column for each new field; returns its columns' types."""
-    columns = table_columns(cursor, table)
+def ensure_table(cursor, table: tuple[str, ...], fields: Sequence[str], columns: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Create the table, or add a column for each new field; returns its columns' types.
+
+    `columns` are the table's columns when the caller has just read them."""
+    columns = dict(table_columns(cursor, table) if columns is None else columns)
     if not columns:
         definitions = ", ".join(["time timestamptz PRIMARY KEY", *(f"{quote_ident(f)} double precision" for f in fields)])
         cursor.execute(f"CREATE TABLE {qualified(table)} ({definitions})")
@@ -1334,7 +1336,7 @@ def load_chunk(
         with connection.cursor() as cursor:
             fields = list(frame.columns.drop("time"))
             existing = table_columns(cursor, table)
-            types = ensure_table(cursor, table, fields) if write else existing
+            types = ensure_table(cursor, table, fields, existing) if write else existing
             stored = extract_stored(cursor, table, types, window) if types else frame.iloc[:0]
             checks = compare_hours(frame, stored, window)
             rewritten = [hour for hour, check in checks.items() if check.differs or (replace and check.kept)]

@@ -359,28 +359,26 @@ def test_killed_mid_copy_leaves_no_half_hour(env, influx, capsys, pg):
 
 
 # -- Bad data ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("value", "kind"), [('"ok"', "string"), ("true", "bool")])
-def test_a_non_numeric_field_fails_its_hour_only(env, influx, capsys, value, kind):
-    influx.write_lines("pulse_oximeter", f"spo2,uid=A note={value} {int(H14.timestamp()) + 60}", precision="s")
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ('note="ok"', "field 'note' of measurement 'spo2' is not numeric, so InfluxDB cannot average it: write it to another measurement"),
+        ("note=true", "field 'note' of measurement 'spo2' is not numeric, so InfluxDB cannot average it: write it to another measurement"),
+        (
+            "spo2=97",  # with a second tag: the same time twice
+            "time 2021-07-12T14:01:05Z appears more than once in InfluxDB's answer: the measurement has a tag besides uid "
+            "(keep one device per measurement)",
+        ),
+    ],
+)
+def test_data_that_cannot_be_stored_fails_its_hour_only(env, influx, capsys, bad_line, reason):
+    tags = "uid=A,host=kitchen" if bad_line == "spo2=97" else "uid=A"
+    influx.write_lines("pulse_oximeter", f"spo2,{tags} {bad_line} {int(H14.timestamp()) + 60}", precision="s")
     code, _, err = call(capsys)
     assert code == 1
-    assert error_line(err) == (
-        "health_metrics_loader: error: 2021-07-12T14:00:00Z was not loaded: field 'note' of measurement 'spo2' is not numeric, "
-        "so InfluxDB cannot average it: write it to another measurement"
-    )
+    assert error_line(err) == f"health_metrics_loader: error: 2021-07-12T14:00:00Z was not loaded: {reason}"
     assert ledger_hours(env["PG_CONNECT"]) == [H13]  # the good hour is in, the bad one is retried by the next call
     assert_rows(stored(env["PG_CONNECT"]), expected_rows(H13, 1))
-
-
-def test_a_repeated_time_fails_its_hour_only(env, influx, capsys):
-    influx.write_lines("pulse_oximeter", f"spo2,uid=A,host=kitchen spo2=97 {int(H14.timestamp()) + 60}", precision="s")
-    code, _, err = call(capsys)
-    assert code == 1
-    assert error_line(err) == (
-        "health_metrics_loader: error: 2021-07-12T14:00:00Z was not loaded: time 2021-07-12T14:01:05Z appears more than once "
-        "in InfluxDB's answer: the measurement has a tag besides uid (keep one device per measurement)"
-    )
-    assert ledger_hours(env["PG_CONNECT"]) == [H13]
 
 
 def test_a_bad_hour_does_not_hold_back_the_days_after_it(loader_env, influx, capsys, monkeypatch):
