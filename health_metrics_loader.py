@@ -3,31 +3,38 @@
 
 Each run asks InfluxDB for 5-second means of the previous complete UTC hour and writes
 them to a PostgreSQL table that Grafana can read for years. `--hour` and `--from/--to`
-reload chosen hours. Reloading an hour replaces its rows, so nothing is ever duplicated.
+load chosen hours again, `--verify` compares hours with InfluxDB and `--repair` reloads
+those that differ. A load rewrites only hours whose rows differ, and never removes a
+stored row that InfluxDB's answer does not replace (unless `--replace`), so nothing is
+duplicated and nothing InfluxDB has forgotten is lost.
 
 Settings come from the environment, then from a `.env` file in the working directory
 or beside this script (the environment wins):
     CONNECTION          InfluxDB URL, e.g. https://eu-central-1-1.aws.cloud2.influxdata.com
-    TOKEN               InfluxDB API token with read access to the bucket
-    ORG                 InfluxDB organization name or ID
+    TOKEN               InfluxDB API token with read access (InfluxDB 1.x: user:password)
+    ORG                 InfluxDB organization name or ID (not used with influxql)
     PG_CONNECT          SQLAlchemy URL, e.g. postgresql://pi:secret@localhost:5432/health
-    INFLUX_BUCKET       default pulse_oximeter
+    INFLUX_QUERY_LANGUAGE  flux (default; InfluxDB 2, Cloud before 2023) or influxql
+                        (InfluxDB 1.x, 3, Cloud Serverless and Dedicated)
+    INFLUX_BUCKET       default pulse_oximeter (with influxql: the database)
+    INFLUX_RETENTION_POLICY  with influxql: the retention policy, default the database's
     INFLUX_MEASUREMENT  default spo2
-    AGGREGATE_EVERY     default 5s
+    AGGREGATE_EVERY     default 5s; must divide an hour
     PG_TABLE            default pox_five_second_mean (may be schema.table)
-    QUERY_TIMEOUT       seconds per InfluxDB query, default 60
+    QUERY_TIMEOUT       seconds to wait for InfluxDB's answer and each part of it, default 60
     CATCH_UP_HOURS      how far back the cron call fills missing hours, default 72 (max 720)
+    RECHECK_HOURS       loaded hours the cron call compares again for late points, default 6
     SETTLE_MINUTES      minutes after an hour ends before it counts as complete, default 2
-    LOCK_TIMEOUT        seconds --hour and --from/--to wait for another run, default 300
+    LOCK_TIMEOUT        seconds explicit runs wait for another run, default 300 (0: no wait)
     RETRY_BUDGET        seconds a run may spend waiting to retry InfluxDB, default 180
 
 Every loaded hour is recorded in the table `loaded_hours` (same schema as PG_TABLE),
 in the same transaction as its rows. The cron call loads every complete hour of the
 last CATCH_UP_HOURS that is not recorded there, oldest first.
 
-Exit codes: 0 success (an hour without data included), 1 the run failed,
-2 bad arguments or settings. `--status` exits 1 when the newest loaded hour is
-more than two hours old.
+Exit codes: 0 success (an hour without data included), 1 the run failed (or --verify
+found rows missing or changed), 2 bad arguments or settings. `--status` exits 1 when
+the newest loaded hour is more than two hours old.
 """
 
 from __future__ import annotations
