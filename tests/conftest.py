@@ -94,6 +94,25 @@ def loader_env(monkeypatch, tmp_path, influx, fresh_db):
     return settings
 
 
+@pytest.fixture
+def tls_influx(tmp_path, monkeypatch):
+    """An emulator serving https with a self-signed certificate, as CONNECTION; retries off."""
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    emulator = Emulator(token=TOKEN, org=ORG)
+    monkeypatch.setenv("CONNECTION", emulator.start(tls=(str(cert), str(key))))
+    monkeypatch.setenv("RETRY_BUDGET", "0")
+    yield emulator
+    emulator.stop()
+
+
 def unavailable(reason: str) -> None:
     """Skip a test whose real server or recorded cases are missing, saying why; under CI
     (CI=true), where .ci/run installs everything, that is a failure instead."""

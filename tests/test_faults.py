@@ -14,7 +14,7 @@ import pytest
 
 import health_metrics_loader as hml
 from tests.conftest import ROOT, TOKEN, utc
-from tests.influxdb_emulator import Emulator, Fault
+from tests.influxdb_emulator import Fault
 from tests.pg_server import PASSWORD, free_port
 from tests.synthetic import expected_rows, line_protocol
 from tests.test_catch_up import ledger
@@ -426,37 +426,11 @@ def test_env_file_readable_by_others_is_warned_about(env, influx, capsys, tmp_pa
     assert "can be read by other users" not in call(capsys, now=NOW + timedelta(hours=1))[2]
 
 
-def test_tls_certificates_are_verified(env, capsys, monkeypatch, tmp_path):
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(tmp_path / "key.pem"),
-            "-out",
-            str(tmp_path / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    emulator = Emulator(token=TOKEN, org=env["ORG"])
-    monkeypatch.setenv("CONNECTION", emulator.start(tls=(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))))
-    monkeypatch.setenv("RETRY_BUDGET", "0")
-    try:
-        code, _, err = call(capsys)
-    finally:
-        emulator.stop()
+def test_tls_certificates_are_verified(env, capsys, tls_influx):
+    code, _, err = call(capsys)
     assert code == 1
     assert "InfluxDB could not be reached securely (" in error_line(err) and "CERTIFICATE_VERIFY_FAILED" in err
-    assert emulator.queries == []
+    assert tls_influx.queries == []
 
 
 @pytest.mark.parametrize(

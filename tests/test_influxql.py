@@ -512,39 +512,10 @@ def test_flux_against_a_server_without_flux_names_influxql(loader_env, capsys, m
     assert line.endswith("): try INFLUX_QUERY_LANGUAGE=influxql (InfluxDB 1.x, 3 and Cloud Serverless)")
 
 
-def test_tls_certificates_are_verified_on_the_influxql_path(emulated_ql, capsys, monkeypatch, tmp_path):
-    import subprocess
-
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    emulator = Emulator(token=TOKEN)
-    monkeypatch.setenv("CONNECTION", emulator.start(tls=(str(cert), str(key))))
-    monkeypatch.setenv("RETRY_BUDGET", "0")
-    try:
-        code, _, err = call(capsys)
-    finally:
-        emulator.stop()
+def test_tls_certificates_are_verified_on_the_influxql_path(emulated_ql, capsys, tls_influx):
+    code, _, err = call(capsys)
     assert code == 1
     (line,) = err.splitlines()
     assert line.startswith("health_metrics_loader: error: InfluxDB could not be reached securely (") and "CERTIFICATE_VERIFY_FAILED" in line
     assert line.endswith("): check CONNECTION and the server's certificate")
-    assert emulator.queries == []
+    assert tls_influx.queries == []
