@@ -1225,13 +1225,12 @@ def record_hours(
 
 
 def record_checked(cursor, table: tuple[str, ...], hours: Sequence[datetime], when: datetime) -> None:
-    """Note when recorded hours were last compared with InfluxDB; their rows stay untouched."""
-    cursor.execute("SELECT to_regclass(%s)", (qualified(ledger_of(table)),))
-    if cursor.fetchone()[0] is not None:
-        cursor.execute(
-            f"UPDATE {qualified(ledger_of(table))} SET checked_at = %s WHERE target_table = %s AND hour = ANY(%s::timestamptz[])",
-            (when, ledger_key(table), list(hours)),
-        )
+    """Note when recorded hours were last compared with InfluxDB; their rows stay untouched.
+    (Only --verify calls this, after `run` has made sure the ledger exists.)"""
+    cursor.execute(
+        f"UPDATE {qualified(ledger_of(table))} SET checked_at = %s WHERE target_table = %s AND hour = ANY(%s::timestamptz[])",
+        (when, ledger_key(table), list(hours)),
+    )
 
 
 class LockBusy(LoaderError):
@@ -1513,6 +1512,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--status takes no hours, --replace or --dry-run")
     if args.replace and (args.verify or not (args.hour or args.start or args.repair)):
         parser.error("--replace goes with --hour, --from/--to or --repair")
+    if args.verify and args.dry_run:
+        parser.error("--verify writes no row already; --dry-run goes with a load or --repair")
     return args
 
 

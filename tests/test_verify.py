@@ -227,3 +227,11 @@ def test_an_older_ledger_gains_its_new_columns_in_place(loader_env, influx, caps
             ("public.pox_five_second_mean", at(10, 0), 0, None, None),
             ("public.pox_five_second_mean", at(11, 0), 720, None, None),
         ]
+
+
+def test_verify_with_dry_run_is_refused(capsys):
+    """--verify writes no row; a dry run of it would also skip the lock, so the pair is refused."""
+    with pytest.raises(SystemExit) as caught:
+        hml.main(["--verify", "--dry-run"])
+    assert caught.value.code == 2
+    assert "--verify writes no row already; --dry-run goes with a load or --repair" in capsys.readouterr().err
