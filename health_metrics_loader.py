@@ -9,7 +9,8 @@ stored row that InfluxDB's answer does not replace (unless `--replace`), so noth
 duplicated and nothing InfluxDB has forgotten is lost.
 
 Settings come from the environment, then from a `.env` file in the working directory
-or beside this script (the environment wins):
+or beside this script (the environment wins; LOADER_ENV_FILE names another file, or
+none when empty):
     CONNECTION          InfluxDB URL, e.g. https://eu-central-1-1.aws.cloud2.influxdata.com
     TOKEN               InfluxDB API token with read access (InfluxDB 1.x: user:password)
     ORG                 InfluxDB organization name or ID (not used with influxql)
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -130,16 +132,23 @@ DEFAULTS = {
     "RECHECK_HOURS": "6",
     "INFLUX_QUERY_LANGUAGE": "flux",
     "INFLUX_RETENTION_POLICY": "",
+    "INFLUX_RETENTION_HOURS": "720",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
+RETENTION_MARGIN = timedelta(hours=1)
 MAX_LOCK_TIMEOUT = 2147483  # PostgreSQL's lock_timeout is an int of milliseconds
+MIN_TIMEOUT = 0.001  # below a millisecond, PostgreSQL and influxdb-client would read "no timeout"
 NUMBER_RULES = {  # setting: (the test its value must pass, what it must be)
-    "QUERY_TIMEOUT": (lambda n: n > 0, "a positive number of seconds"),
+    "QUERY_TIMEOUT": (lambda n: n >= MIN_TIMEOUT, "a number of seconds, at least 0.001"),
     "CATCH_UP_HOURS": (lambda n: 1 <= n <= MAX_CATCH_UP_HOURS and n == int(n), f"a whole number from 1 to {MAX_CATCH_UP_HOURS}"),
     "SETTLE_MINUTES": (lambda n: 0 <= n <= 59, "a number of minutes from 0 to 59"),
-    "LOCK_TIMEOUT": (lambda n: 0 <= n <= MAX_LOCK_TIMEOUT, f"a number of seconds from 0 (do not wait) to {MAX_LOCK_TIMEOUT}"),
+    "LOCK_TIMEOUT": (
+        lambda n: n == 0 or MIN_TIMEOUT <= n <= MAX_LOCK_TIMEOUT,
+        f"0 (do not wait) or a number of seconds from 0.001 to {MAX_LOCK_TIMEOUT}",
+    ),
     "RETRY_BUDGET": (lambda n: n >= 0, "a number of seconds, 0 or more"),
     "RECHECK_HOURS": (lambda n: 0 <= n <= MAX_CATCH_UP_HOURS and n == int(n), "a whole number from 0 to CATCH_UP_HOURS"),
+    "INFLUX_RETENTION_HOURS": (lambda n: 0 <= n <= 10**6 and n == int(n), "a whole number of hours (0: InfluxDB keeps everything)"),
 }
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 DURATION_PART = re.compile(r"(\d+)(ns|us|µs|ms|s|m|h)")
@@ -165,6 +174,27 @@ class Settings:
     recheck_hours: int = 6
     query_language: str = "flux"
     retention_policy: str = ""
+    retention_hours: int = 720
+
+    @property
+    def every_ns(self) -> int:
+        return duration_ns(self.every) or 0
+
+    def forgets_before(self, now: datetime) -> datetime | None:
+        """Readings before this time may be gone from InfluxDB by `now`; None if it keeps everything.
+
+        A margin keeps a stored row safe from a clock that runs a little ahead, and from a
+        retention cut that passes while a long run is under way.
+        """
+        if not self.retention_hours:
+            return None
+        return now - timedelta(hours=self.retention_hours) + RETENTION_MARGIN
+
+    def frozen_before(self, now: datetime) -> datetime | None:
+        """Stored rows stamped before this time keep their values: their window (which ends at
+        the stamp) began where InfluxDB may already have forgotten some of its readings."""
+        edge = self.forgets_before(now)
+        return None if edge is None else edge + timedelta(microseconds=self.every_ns // 1000)
 
     def secrets(self) -> list[str]:
         """Values that must never be printed, also as they look inside a URL."""
@@ -174,7 +204,7 @@ class Settings:
 
         password = make_url(self.pg_url).password or ""
         influx_password = self.token.partition(":")[2]  # TOKEN=user:password for InfluxDB 1.x
-        found = [self.token, password, influx_password]
+        found = [self.token, password, influx_password, *userinfo_secrets(self.influx_url)]
         found += [quote(s, safe="") for s in found]
         return sorted({s for s in found if s}, key=len, reverse=True)
 
@@ -195,8 +225,11 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         )
 
     url = get["CONNECTION"]
-    if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", url):
-        problems.append("CONNECTION must be an http:// or https:// URL")
+    if url:
+        problems += url_problems(url)
+    basic_auth = language == "influxql" and ":" in get["TOKEN"]  # sent base64-encoded, any character goes
+    if not latin1(get["TOKEN"]) and not basic_auth:
+        problems.append("TOKEN has a character that HTTP cannot send (a typographic quote or dash pasted with it?): copy the token again")
     pg_url = ""
     if get["PG_CONNECT"]:
         try:
@@ -241,7 +274,45 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         recheck_hours=int(numbers["RECHECK_HOURS"]),
         query_language=language,
         retention_policy=values["INFLUX_RETENTION_POLICY"],
+        retention_hours=int(numbers["INFLUX_RETENTION_HOURS"]),
     )
+
+
+def url_problems(url: str) -> list[str]:
+    """What is wrong with CONNECTION, if anything: a bad port is a setting, not a network fault."""
+    from urllib.parse import urlsplit
+
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s]*)?", url):
+        return ["CONNECTION must be an http:// or https:// URL"]
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = -1
+    if port == -1 or port == 0:
+        return ["CONNECTION has a port that is not a number from 1 to 65535"]
+    return []
+
+
+def latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def userinfo_secrets(url: str) -> list[str]:
+    """The password (and the whole user:password) in a URL such as http://user:pw@host:8086."""
+    from urllib.parse import unquote, urlsplit
+
+    userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return [s for s in (userinfo if password else "", password, unquote(password)) if s]
+
+
+def without_userinfo(url: str) -> str:
+    """The URL as lines may show it: no user or password."""
+    return re.sub(r"^(https?://)[^/@]*@", r"\1", url)
 
 
 def number(text: str) -> float | None:
@@ -660,43 +731,103 @@ class HourCheck:
     answered: int  # rows in InfluxDB's answer
     stored: int  # rows in the table
     missing: int = 0  # answered times the table lacks
-    changed: int = 0  # times whose values differ, or that the table holds more than once
+    changed: int = 0  # times whose values differ
     kept: int = 0  # stored times the answer lacks: InfluxDB forgot or deleted them
+    frozen: int = 0  # times that differ where InfluxDB is forgetting: its answer holds fewer readings
+    copies: int = 0  # extra rows that repeat a stored row exactly: one reading, stored twice
+    conflicting: int = 0  # times stored more than once with different values: left for the user
 
     @property
     def differs(self) -> bool:
-        return bool(self.missing or self.changed)
+        """Whether reloading the hour would change it."""
+        return bool(self.missing or self.changed or self.copies)
+
+    @property
+    def wrong(self) -> bool:
+        """Whether the table lacks or contradicts what InfluxDB still holds."""
+        return bool(self.missing or self.changed or self.conflicting)
+
+    @property
+    def left(self) -> int:
+        """Stored rows that stay although the answer lacks or contradicts them."""
+        return self.kept + self.frozen
 
 
-def compare_hours(answer: pd.DataFrame, stored: pd.DataFrame, window: Window, rel_tol: float = 1e-9) -> dict[datetime, HourCheck]:
+@dataclass(frozen=True)
+class Comparison:
+    """A window's answer against its stored rows: per hour, and the times a load must not rewrite."""
+
+    checks: dict[datetime, HourCheck]
+    held: pd.Series  # answered times whose stored rows stay as they are (frozen or conflicting)
+
+
+def compare_hours(
+    answer: pd.DataFrame,
+    stored: pd.DataFrame,
+    window: Window,
+    frozen_before: datetime | None = None,
+    kinds: Mapping[str, str] | None = None,
+    rel_tol: float = 1e-9,
+    abs_tol: float = 1e-12,
+) -> Comparison:
     """Each hour of the window: how the stored rows differ from the answer's.
 
-    A field that one side lacks counts as NULL there; NULL equals NULL.
+    A field that one side lacks counts as NULL there; NULL equals NULL. The answer is
+    compared as the column stores it (a `real` column keeps a float's first 24 bits). A
+    stored row stamped before `frozen_before` is never called changed: InfluxDB has begun to
+    forget its window, so its answer there is the mean of fewer readings than the row's.
     """
     import numpy as np
+    import pandas as pd
 
     if stored.empty:  # the common case of a first load: every answered row is missing
         answered = per_hour(answer["time"], window)
-        return {hour: HourCheck(answered=n, stored=0, missing=n) for hour, n in answered.items()}
+        return Comparison({hour: HourCheck(answered=n, stored=0, missing=n) for hour, n in answered.items()}, answer["time"].iloc[:0])
     fields = sorted((set(answer.columns) | set(stored.columns)) - {"time"})
     ours, theirs = (f.reindex(columns=["time", *fields]).astype({"time": "datetime64[us, UTC]"}) for f in (answer, stored))
-    both = ours.merge(theirs.drop_duplicates("time"), on="time", how="outer", suffixes=("", " stored"), indicator=True)
+    repeated = theirs["time"].duplicated(keep=False)
+    copies = theirs.duplicated(keep="first") & repeated
+    distinct = theirs[~copies]
+    conflicting = distinct["time"][distinct["time"].duplicated(keep=False)].drop_duplicates()
+    side = "\0side"  # a name no column can take
+    both = ours.merge(distinct.drop_duplicates("time"), on="time", how="outer", suffixes=("", "\0stored"), indicator=side)
     differs = np.zeros(len(both), dtype=bool)
     for name in fields:
-        a, b = both[name].to_numpy("float64"), both[name + " stored"].to_numpy("float64")
-        differs |= ~((np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=rel_tol, atol=0.0))
-    side = both["_merge"]
+        a = as_column_stores(both[name].to_numpy("float64"), (kinds or {}).get(name, "double precision"))
+        b = both[name + "\0stored"].to_numpy("float64")
+        differs |= ~((np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=rel_tol, atol=abs_tol))
+    in_both = (both[side] == "both").to_numpy()
+    is_conflicting = both["time"].isin(conflicting).to_numpy()
+    frozen = in_both & differs & ~is_conflicting
+    if frozen_before is not None:
+        frozen &= (both["time"] < pd.Timestamp(frozen_before)).to_numpy()
+    else:
+        frozen[:] = False
     counts = {
         "answered": per_hour(ours["time"], window),
         "stored": per_hour(theirs["time"], window),
-        "missing": per_hour(both["time"][side == "left_only"], window),
-        "changed": per_hour(both["time"][(side == "both") & differs], window),
-        "kept": per_hour(both["time"][side == "right_only"], window),
-        "repeated": per_hour(theirs["time"][theirs["time"].duplicated()], window),
+        "missing": per_hour(both["time"][(both[side] == "left_only").to_numpy()], window),
+        "changed": per_hour(both["time"][in_both & differs & ~frozen & ~is_conflicting], window),
+        "kept": per_hour(distinct["time"][~distinct["time"].isin(ours["time"])], window),
+        "frozen": per_hour(both["time"][frozen], window),
+        "copies": per_hour(theirs["time"][copies], window),
+        "conflicting": per_hour(conflicting, window),
     }
-    repeated = counts.pop("repeated")
-    counts["changed"] = {hour: n + repeated[hour] for hour, n in counts["changed"].items()}
-    return {hour: HourCheck(**{name: per[hour] for name, per in counts.items()}) for hour in window.hours()}
+    checks = {hour: HourCheck(**{name: per[hour] for name, per in counts.items()}) for hour in window.hours()}
+    held = both["time"][frozen | (in_both & is_conflicting)]
+    return Comparison(checks, held)
+
+
+def as_column_stores(values, kind: str):
+    """Float values as a column of `kind` would give them back."""
+    import numpy as np
+
+    if kind == "real":
+        return values.astype("float32").astype("float64")
+    if kind in ("integer", "bigint", "smallint"):
+        return np.rint(values)
+    scale = re.fullmatch(r"numeric\(\d+,(\d+)\)", kind)
+    return np.round(values, int(scale[1])) if scale else values
 
 
 # -- I/O edges: InfluxDB --------------------------------------------------------------
@@ -826,7 +957,9 @@ def unreachable(settings: Settings, exc: BaseException) -> SourceError:
         cause = cause.reason
     if isinstance(cause, SSLError) or isinstance(exc, SSLError):
         return SourceError(f"InfluxDB could not be reached securely ({reason(exc)}): check CONNECTION and the server's certificate")
-    return TransientSourceError(f"InfluxDB at {settings.influx_url} did not answer ({reason(exc)}): check CONNECTION and the network")
+    return TransientSourceError(
+        f"InfluxDB at {without_userinfo(settings.influx_url)} did not answer ({reason(exc)}): check CONNECTION and the network"
+    )
 
 
 @dataclass
@@ -951,7 +1084,7 @@ def extract_frame(source: FluxSource | InfluxQLSource, window: Window, retrier: 
     except SourceError as exc:
         # InfluxDB's own message does not say which field (influxdb#23321): ask for the types.
         if "unsupported input type for mean aggregate" in str(exc):
-            fields = source.non_numeric_fields(window)
+            fields = retrier.call(lambda: source.non_numeric_fields(window))
             if fields:
                 raise DataError(
                     f"field {', '.join(map(repr, fields))} of measurement {source.settings.measurement!r} is not numeric, "
@@ -978,6 +1111,7 @@ def qualified(table: tuple[str, ...]) -> str:
     return ".".join(quote_ident(part) for part in table)
 
 
+STATEMENT_TIMEOUT = 3600  # seconds: far above any statement's need (a year's rollups on a Pi), short of forever
 SESSION_DEFAULTS = {  # PG_CONNECT's own options win over these
     "application_name": "health_metrics_loader",  # pg_stat_activity then says who holds the lock
     # A client whose network vanished would otherwise keep its session, and the lock, until
@@ -1004,6 +1138,14 @@ def connect_postgres(settings: Settings):
         raise DatabaseError(f"cannot connect to PostgreSQL ({pg_reason(exc)}): check PG_CONNECT") from None
     with connection.cursor() as cursor:
         cursor.execute("SET TIME ZONE 'UTC'")
+        # A table lock held by another session (an ALTER, a LOCK TABLE left open) must fail
+        # the run, not hang it while it holds the loader's lock. PG_CONNECT's options win.
+        cursor.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
+        lock_timeout, statement_timeout = cursor.fetchone()
+        if lock_timeout == "0":
+            cursor.execute("SET lock_timeout = %s", (f"{max(1, round(settings.lock_timeout * 1000))}ms",))
+        if statement_timeout == "0":
+            cursor.execute("SET statement_timeout = %s", (f"{STATEMENT_TIMEOUT}s",))
     connection.commit()
     return connection
 
@@ -1154,7 +1296,11 @@ def resolve_table(connection, table: tuple[str, ...]) -> tuple[str, str]:
 
 
 def ensure_ledger(cursor, table: tuple[str, ...]) -> None:
-    """Create the ledger, or bring an older one up to date."""
+    """Create the ledger and the tables' record, or bring older ones up to date."""
+    # Two loaders starting together on a new database would race in CREATE TABLE IF NOT
+    # EXISTS (one fails on pg_type's unique index): one at a time, until this transaction ends.
+    cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (DDL_LOCK,))
+    ensure_tables_record(cursor, table)
     ledger = qualified(ledger_of(table))
     cursor.execute(
         f"CREATE TABLE IF NOT EXISTS {ledger} ("
@@ -1231,6 +1377,123 @@ def record_checked(cursor, table: tuple[str, ...], hours: Sequence[datetime], wh
         f"UPDATE {qualified(ledger_of(table))} SET checked_at = %s WHERE target_table = %s AND hour = ANY(%s::timestamptz[])",
         (when, ledger_key(table), list(hours)),
     )
+
+
+TABLES = "loader_tables"  # beside the ledger: what the loader knows of each table it fills
+DDL_LOCK = "health_metrics_loader:ddl"
+
+
+def tables_of(table: tuple[str, ...]) -> tuple[str, ...]:
+    return (*table[:-1], TABLES)
+
+
+def ensure_tables_record(cursor, table: tuple[str, ...]) -> None:
+    cursor.execute(
+        f"CREATE TABLE IF NOT EXISTS {qualified(tables_of(table))} ("
+        " target_table text PRIMARY KEY, aggregate_every text NOT NULL, adopted_at timestamptz NOT NULL DEFAULT now(),"
+        " fields_checked_at timestamptz, skipped_fields text[] NOT NULL DEFAULT '{}')"
+    )
+
+
+def recorded_every(cursor, table: tuple[str, ...]) -> str | None:
+    """The AGGREGATE_EVERY the table's rows were made with, as recorded; None before the first run."""
+    cursor.execute("SELECT to_regclass(%s)", (qualified(tables_of(table)),))
+    if cursor.fetchone()[0] is None:
+        return None
+    cursor.execute(f"SELECT aggregate_every FROM {qualified(tables_of(table))} WHERE target_table = %s", (ledger_key(table),))
+    found = cursor.fetchone()
+    return found[0] if found else None
+
+
+def has_rows(cursor, table: tuple[str, ...]) -> bool:
+    cursor.execute("SELECT to_regclass(%s)", (qualified(table),))
+    if cursor.fetchone()[0] is None:
+        return False
+    cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {qualified(table)})")
+    return cursor.fetchone()[0]
+
+
+def stamped_every_ns(stamps_us: Sequence[int], every_ns: int) -> int | None:
+    """The averaging window that stamps (microseconds) certainly come from, when it is not
+    `every_ns`: a stamp off its grid proves another window; rows spaced wider than it do not."""
+    every_us = every_ns // 1000
+    if all(stamp % every_us == 0 for stamp in stamps_us):
+        return None
+    distinct = sorted(set(stamps_us))
+    steps = [b - a for a, b in zip(distinct, distinct[1:])]
+    step = min(steps) if steps else 0
+    return step * 1000 if step and all(stamp % step == 0 for stamp in distinct) else 0
+
+
+def check_resolution(cursor, table: tuple[str, ...], settings: Settings) -> tuple[str | None, bool]:
+    """Refuse an AGGREGATE_EVERY other than the one the table's rows were made with (a table
+    of mixed windows would average wrongly ever after); returns the record and whether the
+    table holds rows."""
+    recorded, filled = recorded_every(cursor, table), has_rows(cursor, table)
+    name = ".".join(table)
+    if filled and recorded is not None and duration_ns(recorded) != settings.every_ns:
+        raise ConfigError(
+            f"AGGREGATE_EVERY is {settings.every}, but {name} holds {recorded} means: set AGGREGATE_EVERY={recorded} again, "
+            f"or set PG_TABLE to another table for {settings.every} means"
+        )
+    if filled and recorded is None:
+        cursor.execute(
+            f"SELECT (extract(epoch FROM time::timestamptz) * 1000000)::bigint FROM {qualified(table)} ORDER BY time DESC LIMIT 1000"
+        )
+        other = stamped_every_ns([row[0] for row in cursor.fetchall() if row[0] is not None], settings.every_ns)
+        if other is not None:
+            held = influxql_duration(other).replace("u", "us") if other else "other"
+            raise ConfigError(
+                f"AGGREGATE_EVERY is {settings.every}, but the rows of {name} are stamped for {held} means: "
+                f"set AGGREGATE_EVERY to what made them, or set PG_TABLE to another table for {settings.every} means"
+            )
+    return recorded, filled
+
+
+def adopt_table(cursor, table: tuple[str, ...], settings: Settings) -> bool:
+    """Check the table's averaging window, and on the first run of this version on a filled
+    table, tidy what older versions (or the blog's script) left; returns whether it holds rows."""
+    recorded, filled = check_resolution(cursor, table, settings)
+    if recorded is not None and duration_ns(recorded) == settings.every_ns:
+        return filled
+    if filled and recorded is None:
+        tidy_copies(cursor, table)
+    cursor.execute(
+        f"INSERT INTO {qualified(tables_of(table))} (target_table, aggregate_every) VALUES (%s, %s)"
+        " ON CONFLICT (target_table) DO UPDATE SET aggregate_every = EXCLUDED.aggregate_every",
+        (ledger_key(table), settings.every),
+    )
+    return filled
+
+
+def has_unique_time(cursor, table: tuple[str, ...]) -> bool:
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+        " WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indnkeyatts = 1 AND a.attname = 'time')",
+        (qualified(table),),
+    )
+    return cursor.fetchone()[0]
+
+
+def tidy_copies(cursor, table: tuple[str, ...]) -> None:
+    """A table without a unique time (the blog's) may hold an hour twice: keep one of each
+    identical row, name the times whose copies differ, and once none do, index time uniquely."""
+    if has_unique_time(cursor, table):
+        return
+    name = ".".join(table)
+    dropped = drop_identical_copies(cursor, table)
+    if dropped:
+        log.info("dropped %s of %s that repeated another row exactly", plural(dropped, "row"), name)
+    cursor.execute(f"SELECT time::timestamptz FROM {qualified(table)} GROUP BY time HAVING count(*) > 1 ORDER BY time")
+    conflicts = [row[0] for row in cursor.fetchall()]
+    for hour, times in itertools.groupby(conflicts, key=lambda t: hour_floor(t - timedelta(microseconds=1))):
+        times = list(times)
+        shown = ", ".join(iso(t) for t in times[:5]) + (f" and {len(times) - 5} more" if len(times) > 5 else "")
+        log.warning(
+            "%s: %s stores different values for the same time (%s); left as they are: delete the wrong rows by hand", iso(hour), name, shown
+        )
+    if not conflicts:
+        cursor.execute(f"CREATE UNIQUE INDEX ON {qualified(table)} (time)")
 
 
 class LockBusy(LoaderError):
@@ -1328,13 +1591,15 @@ def load_chunk(
     when: datetime | None = None,
     write: bool = True,
     checking: bool = False,
+    frozen_before: datetime | None = None,
 ) -> Loaded:
     """Compare the chunk's hours with the table and rewrite those that differ, in one transaction.
 
     A stored row whose time InfluxDB's answer lacks stays, unless `replace`: InfluxDB may
-    have forgotten it (retention), and then this table is the only copy left. With
-    `write=False` nothing but the ledger's `checked_at` changes; `checking` (a verify or a
-    repair) notes that time in the ledger.
+    have forgotten it (retention), and then this table is the only copy left. So does a row
+    stamped before `frozen_before`, where InfluxDB's answer is the mean of fewer readings,
+    and a time stored twice with different values. With `write=False` nothing but the
+    ledger's `checked_at` changes; `checking` (a verify or a repair) notes that time there.
     """
     window, frame = chunk.window, chunk.frame
     when = when or datetime.now(timezone.utc)
@@ -1344,12 +1609,17 @@ def load_chunk(
             existing = table_columns(cursor, table)
             types = ensure_table(cursor, table, fields, existing) if write else existing
             stored = extract_stored(cursor, table, types, window) if types else frame.iloc[:0]
-            checks = compare_hours(frame, stored, window)
+            comparison = compare_hours(frame, stored, window, frozen_before, types)
+            checks = comparison.checks
             rewritten = [hour for hour, check in checks.items() if check.differs or (replace and check.kept)]
             rows = 0
             if write:
-                rows = rewrite_hours(cursor, table, chunk, types, {hour: checks[hour] for hour in rewritten}, replace)
+                if any(check.copies for check in checks.values()):
+                    drop_identical_copies(cursor, table, window)
+                rows = rewrite_hours(cursor, table, chunk, types, {hour: checks[hour] for hour in rewritten}, replace, comparison.held)
                 counts = {hour: check.answered + (0 if replace else check.kept) for hour, check in checks.items()}
+                if any(check.conflicting for check in checks.values()):
+                    counts = stored_per_hour(cursor, table, window)
                 record_hours(cursor, table, counts, rewritten, when, checking)
             elif checking:
                 record_checked(cursor, table, list(checks), when)
@@ -1365,31 +1635,91 @@ def load_chunk(
         if not connection.closed:
             with suppress(psycopg2.Error):
                 connection.rollback()
-        raise DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written") from None
+        raise load_refused(connection, table, window, exc) from None
     lacking = [c for c, kind in types.items() if c != "time" and is_numeric_column(kind) and c not in frame.columns]
     return Loaded(checks, rewritten, rows, lacking, created=write and not existing)
 
 
+def load_refused(connection, table: tuple[str, ...], window: Window, exc: BaseException) -> DatabaseError:
+    """PostgreSQL's refusal of a load as one line; a lock names the session that holds it."""
+    import psycopg2.errors
+
+    if isinstance(exc, psycopg2.errors.LockNotAvailable) and not connection.closed:
+        holder = ""
+        with suppress(psycopg2.Error), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT l.mode, l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.relation = to_regclass(%s) AND l.granted AND l.pid <> pg_backend_pid() ORDER BY l.mode LIMIT 1",
+                (qualified(table),),
+            )
+            found = cursor.fetchone()
+            connection.rollback()
+            if found:
+                holder = f": session {found[1]} ({found[2] or 'no application_name'}) holds {found[0]}"
+        return DatabaseError(
+            f"another session kept {'.'.join(table)} locked past LOCK_TIMEOUT{holder}; nothing of {window} was written, the next run tries again"
+        )
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return DatabaseError(f"PostgreSQL took too long over the load of {window} ({pg_reason(exc)}); nothing of it was written")
+    return DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written")
+
+
+def drop_identical_copies(cursor, table: tuple[str, ...], window: Window | None = None) -> int:
+    """Delete rows that repeat another row exactly (the blog's script appended an hour twice
+    when it ran twice); returns how many went. Copies that differ in a value stay."""
+    within = "" if window is None else cursor.mogrify(" AND a.time > %s AND a.time <= %s", (window.start, window.stop)).decode()
+    cursor.execute(
+        f"DELETE FROM {qualified(table)} a USING {qualified(table)} b"
+        f" WHERE a.time = b.time AND a.ctid > b.ctid AND ROW(a.*) IS NOT DISTINCT FROM ROW(b.*){within}"
+    )
+    return cursor.rowcount
+
+
+def stored_per_hour(cursor, table: tuple[str, ...], window: Window) -> dict[datetime, int]:
+    """The rows the table holds in each hour of the window (hour H: (H, H+1h])."""
+    cursor.execute(
+        f"SELECT date_trunc('hour', time::timestamptz - interval '1 microsecond'), count(*) FROM {qualified(table)}"
+        " WHERE time > %s AND time <= %s GROUP BY 1",
+        (window.start, window.stop),
+    )
+    found = dict(cursor.fetchall())
+    return {hour: found.get(hour, 0) for hour in window.hours()}
+
+
 def rewrite_hours(
-    cursor, table: tuple[str, ...], chunk: Chunk, types: Mapping[str, str], hours: Mapping[datetime, HourCheck], replace: bool
+    cursor,
+    table: tuple[str, ...],
+    chunk: Chunk,
+    types: Mapping[str, str],
+    hours: Mapping[datetime, HourCheck],
+    replace: bool,
+    held: pd.Series,
 ) -> int:
     """Delete the hours' rows and COPY InfluxDB's; returns rows written.
 
-    An hour with rows the answer lacks loses only the rows at the answer's times.
+    An hour with rows the answer lacks loses only the rows at the answer's times, and the
+    `held` times keep their stored rows whatever the answer says.
     """
     frame = chunk.frame
+    if len(held):
+        frame = frame[~frame["time"].isin(held)]
+    held_hours = set(hour_of(held)) if len(held) else set()
     hour_of_row = hour_of(frame["time"])
-    careful = [hour for hour, check in hours.items() if check.kept and not replace]
+    careful = [hour for hour, check in hours.items() if (check.kept and not replace) or hour in held_hours]
     for part in chunked([hour for hour in hours if hour not in careful]):
         cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
     for hour in careful:
-        times = list(frame["time"][hour_of_row == hour].dt.to_pydatetime())
+        if replace:  # everything but the held rows goes
+            times, keep = list(held[hour_of(held) == hour].dt.to_pydatetime()), "NOT "
+        else:
+            times, keep = list(frame["time"][hour_of_row == hour].dt.to_pydatetime()), ""
         cursor.execute(
-            f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s AND time = ANY(%s::timestamptz[])", (hour, hour + HOUR, times)
+            f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s AND {keep}time = ANY(%s::timestamptz[])",
+            (hour, hour + HOUR, times),
         )
     rows = frame[hour_of_row.isin(list(hours))]
     if len(rows):
-        binary = chunk.binary if len(rows) == len(frame) else copy_binary(rows)
+        binary = chunk.binary if len(rows) == len(chunk.frame) else copy_binary(rows)
         as_binary = binary is not None and all(types[c] in BINARY_TYPES for c in rows.columns)
         copy_rows(cursor, table, list(rows.columns), binary if as_binary else copy_text(rows), as_binary)
     return len(rows)
@@ -1543,6 +1873,12 @@ def refuse_incomplete(hour: datetime, now: datetime, settle: timedelta) -> None:
         )
 
 
+def install_redactor(secrets: Sequence[str]) -> None:
+    """Mask secrets in every record of the loader's log, whichever handler gets it (a
+    scheduler's own, too)."""
+    log.filters[:] = [Redactor(secrets)]
+
+
 def configure_logging(args: argparse.Namespace, secrets: Sequence[str]) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
@@ -1652,6 +1988,7 @@ def load_windows(
     retrier: Retrier,
     plan: Plan,
     now: datetime,
+    filled: bool = True,
 ) -> list[Loaded]:
     """Extract and load each window, oldest first.
 
@@ -1665,11 +2002,17 @@ def load_windows(
         return prepare_chunk(extract_frame(source, window, retrier), window)
 
     def load(chunk: Chunk, started: float) -> None:
-        nonlocal asked_for_types
-        loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking))
+        nonlocal asked_for_types, filled
+        if not filled and chunk.frame.empty and plan.write:
+            unfilled.append(chunk)  # a misspelt measurement must not mark the catch-up as done
+            return
+        filled = True
+        loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking, frozen_before))
         report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
-        if (loaded[-1].lacking or loaded[-1].created) and not asked_for_types:
-            asked_for_types = warn_of_skipped_fields(source, chunk.window)
+        if (loaded[-1].lacking or loaded[-1].created) and not chunk.frame.empty and not asked_for_types:
+            asked_for_types = warn_of_skipped_fields(source, chunk.window, retrier)
+        while unfilled:  # readings arrived after all: the empty hours before them are loaded too
+            load(unfilled.pop(0), time.monotonic())
 
     def load_hour_by_hour(window: Window, failure: DataError) -> None:
         if len(window.hours()) == 1:
@@ -1685,6 +2028,8 @@ def load_windows(
             load(chunk, time.monotonic())
 
     loaded: list[Loaded] = []
+    unfilled: list[Chunk] = []
+    frozen_before = settings.frozen_before(now)
     asked_for_types = False
     failures: dict[datetime, str] = {}
     try:
@@ -1704,18 +2049,27 @@ def load_windows(
     except BaseException:
         retrier.stop()  # a pending fetch gives up instead of holding the run
         raise
+    if unfilled:
+        log.warning(
+            "InfluxDB has no readings of measurement %r in bucket %r for %s, and %s holds none yet: "
+            "check INFLUX_MEASUREMENT and INFLUX_BUCKET; these hours are not recorded, so the next run asks again",
+            settings.measurement,
+            settings.bucket,
+            ", ".join(f"{iso(first)}..{iso(last + HOUR)}" for first, last in runs([h for c in unfilled for h in c.window.hours()])),
+            ".".join(table),
+        )
     if failures:
         raise HoursFailed(failures)
     return loaded
 
 
-def warn_of_skipped_fields(source: FluxSource | InfluxQLSource, window: Window) -> bool:
+def warn_of_skipped_fields(source: FluxSource | InfluxQLSource, window: Window, retrier: Retrier) -> bool:
     """InfluxQL's mean(*) skips a field that is not a number without a word. When the first
     load creates the table, or an answer lacks a field the table has, ask which fields those
     are (once a run, so an ordinary hourly call sends no extra query)."""
     if source.dialect != "influxql":
         return False
-    fields = source.non_numeric_fields(window)
+    fields = retrier.call(lambda: source.non_numeric_fields(window))
     if fields:
         log.warning(
             "field %s of measurement %r is not a number, so mean(*) skips it and it is not archived",
@@ -1734,9 +2088,11 @@ def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> N
         log.info("loaded %s: %d rows in %.2fs%s", window, loaded.rows, seconds, extra)
     outcome = {"verify": "", "repair": " (reloaded)", "preview": " (would reload)"}.get(plan.mode)
     for hour, check in loaded.checks.items():
-        if outcome is not None and (check.differs or check.kept):
+        if outcome is not None and (check.differs or check.left or check.conflicting):
             done = outcome if hour in loaded.rewritten or (plan.mode == "preview" and check.differs) else ""
-            print(f"{iso(hour)}  missing {check.missing}, changed {check.changed}, kept {check.kept}{done}")
+            twice = f", stored twice {check.copies}" if check.copies else ""
+            twice += f", conflicting {check.conflicting}" if check.conflicting else ""
+            print(f"{iso(hour)}  missing {check.missing}, changed {check.changed}, kept {check.left}{twice}{done}")
         if plan.write and check.kept and not plan.replace:
             log.warning(
                 "InfluxDB no longer has %d of the %d rows stored for %s; kept them (--hour %s --replace drops them)",
@@ -1745,21 +2101,33 @@ def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> N
                 iso(hour),
                 iso(hour)[:13],
             )
+        if check.frozen:
+            log.info(
+                "%s: kept %s where InfluxDB is forgetting readings (INFLUX_RETENTION_HOURS)", iso(hour), plural(check.frozen, "stored row")
+            )
+        if check.conflicting:
+            log.warning(
+                "%s holds %s stored more than once with different values; left as they are (delete the wrong rows by hand)",
+                iso(hour),
+                plural(check.conflicting, "time"),
+            )
 
 
 def summary(loaded: Sequence[Loaded], plan: Plan) -> tuple[str, int]:
     """The closing line of --verify and --repair, and the exit code: 1 when --verify finds
     rows that InfluxDB has and the table lacks or holds otherwise."""
     checks = [check for chunk in loaded for check in chunk.checks.values()]
-    differing = [check for check in checks if check.differs]
-    kept = [check for check in checks if check.kept]
+    differing = [check for check in checks if check.wrong]
+    kept = [check for check in checks if check.left]
     text = (
-        f"{len(checks)} hours checked: {len(checks) - len(differing)} equal, {len(differing)} with missing or changed rows"
+        f"{plural(len(checks), 'hour')} checked: {len(checks) - len(differing)} equal, {len(differing)} with missing or changed rows"
         f" ({sum(c.missing for c in checks)} missing, {sum(c.changed for c in checks)} changed),"
-        f" {len(kept)} with rows InfluxDB no longer has ({sum(c.kept for c in checks)} kept)"
+        f" {len(kept)} with rows InfluxDB no longer has ({sum(c.left for c in checks)} kept)"
     )
+    if any(c.copies or c.conflicting for c in checks):
+        text += f", {sum(c.copies for c in checks)} stored twice, {sum(c.conflicting for c in checks)} conflicting"
     if plan.mode == "repair":
-        text += f"; reloaded {sum(len(chunk.rewritten) for chunk in loaded)} hours"
+        text += f"; reloaded {plural(sum(len(chunk.rewritten) for chunk in loaded), 'hour')}"
     return text, EXIT_FAILED if plan.mode == "verify" and differing else EXIT_OK
 
 
@@ -1768,6 +2136,7 @@ def run(
 ) -> list[Loaded]:
     """Carry out the plan; returns what each window's load found and did."""
     now = now or datetime.now(timezone.utc)
+    install_redactor(settings.secrets())
     retrier = Retrier(settings.retry_budget, sleep=sleep)
     connection, table = None, settings.table
     source = open_source(settings)
@@ -1776,11 +2145,17 @@ def run(
             if plan.hours is None or not dry_run or plan.mode != "load":
                 connection = connect_postgres(settings)
                 table = resolve_table(connection, settings.table)
+            filled = True
             if not dry_run:
                 acquire_lock(connection, table, wait=None if plan.hours is None else settings.lock_timeout)
                 with connection.cursor() as cursor:
                     ensure_ledger(cursor, table)
+                    filled = adopt_table(cursor, table, settings) if plan.write else check_resolution(cursor, table, settings)[1]
                 connection.commit()
+            elif connection is not None:
+                with connection.cursor() as cursor:
+                    filled = check_resolution(cursor, table, settings)[1]
+                connection.rollback()
             windows = chunked(plan.hours) if plan.hours is not None else catch_up_windows(connection, settings, table, now)
             if not windows:
                 log.info("nothing to load: the last %d complete hours are all loaded", settings.catch_up_hours)
@@ -1788,7 +2163,7 @@ def run(
             if dry_run and plan.mode == "load":
                 report_windows(source, windows, retrier)
                 return []
-            return load_windows(settings, connection, table, source, windows, retrier, plan, now)
+            return load_windows(settings, connection, table, source, windows, retrier, plan, now, filled)
     finally:
         source.close()
         if connection is not None:
@@ -1821,7 +2196,11 @@ def load_window(settings: Settings, start: datetime, stop: datetime, now: dateti
         raise ConfigError(f"start and stop must be whole hours, start before stop (got {iso(start)}..{iso(stop)})")
     hours = Window(start, stop).hours()
     refuse_incomplete(hours[-1], now, settings.settle)
-    return sum(loaded.rows for loaded in run(settings, Plan(hours, replace=replace), now=now))
+    try:
+        return sum(loaded.rows for loaded in run(settings, Plan(hours, replace=replace), now=now))
+    except LoaderError as exc:  # a scheduler prints it as it is: mask it as main would
+        exc.args = (Redactor(settings.secrets()).redact(str(exc)),)
+        raise
 
 
 def show_status(settings: Settings, now: datetime, days: int) -> int:
@@ -1849,6 +2228,17 @@ def loosely_readable(paths: Iterable[Path]) -> list[str]:
     return warnings
 
 
+def env_file_paths(environ: Mapping[str, str]) -> list[Path]:
+    """The .env files to read: LOADER_ENV_FILE alone when it is set (empty: none), else
+    `.env` in the working directory and beside the script."""
+    if "LOADER_ENV_FILE" in environ:
+        named = environ["LOADER_ENV_FILE"].strip()
+        if named and not Path(named).is_file():
+            raise ConfigError(f"LOADER_ENV_FILE names {named}, which is not a file")
+        return [Path(named)] if named else []
+    return list(dict.fromkeys([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"]))
+
+
 def plan_from_args(args: argparse.Namespace, now: datetime, settings: Settings) -> Plan:
     mode = "verify" if args.verify else ("preview" if args.dry_run else "repair") if args.repair else "load"
     return Plan(requested_hours(args, now, settings), mode, args.replace)
@@ -1858,9 +2248,10 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
     """Run the loader; `now` is for tests and schedulers that pass their own clock."""
     args = parse_args(argv)
     now = now or datetime.now(timezone.utc)
-    env_files = list(dict.fromkeys([Path.cwd() / ".env", Path(__file__).resolve().parent / ".env"]))
+    env_files: list[Path] = []
     secrets: list[str] = []
     try:
+        env_files = env_file_paths(os.environ)
         environ = {**read_env_files(env_files), **os.environ}
         settings = settings_from_env(environ)
         secrets = settings.secrets()

@@ -14,6 +14,9 @@ from tests.influxdb_emulator import Emulator
 from tests.pg_server import ThrowawayPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
+# A developer's own .env (in the checkout, beside the script) must not change what the tests
+# see: the loader reads no .env file in them, nor in the processes they start, unless a test says so.
+os.environ["LOADER_ENV_FILE"] = ""
 TOKEN = "influx-test-token-9d2c"
 ORG = "test-org"
 

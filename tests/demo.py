@@ -61,15 +61,25 @@ def same_rows(url: str) -> bool:
 
 def main() -> int:
     now = datetime.now(timezone.utc)
-    last = hml.previous_hour(now)
+    settle = timedelta(minutes=2)  # the loader's default SETTLE_MINUTES, set below
+    last = hml.Window(hml.latest_complete_hour(now, settle), hml.latest_complete_hour(now, settle) + hml.HOUR)
     first = last.start - timedelta(hours=HOURS - 1)
     emulator = Emulator(token="demo-token", org="demo-org")
     emulator.start()
-    emulator.write_lines("pulse_oximeter", line_protocol(first, HOURS + now.minute / 60), precision="s")
+    emulator.write_lines("pulse_oximeter", line_protocol(first, (now - first) / timedelta(hours=1)), precision="s")
     print(f"InfluxDB emulator on {emulator.url}: {HOURS * 3600} seconds of readings from {hml.iso(first)}")
     server = ThrowawayPostgres().start()
     print(f"Throwaway PostgreSQL on 127.0.0.1:{server.port}")
-    env = {**os.environ, "CONNECTION": emulator.url, "TOKEN": "demo-token", "ORG": "demo-org", "PG_CONNECT": server.url}
+    # The loader's defaults, whatever a .env in the checkout or the shell says: the demo shows what they do.
+    env = {
+        **os.environ,
+        **hml.DEFAULTS,
+        "LOADER_ENV_FILE": "",
+        "CONNECTION": emulator.url,
+        "TOKEN": "demo-token",
+        "ORG": "demo-org",
+        "PG_CONNECT": server.url,
+    }
     try:
         loader(env, "--from", hml.iso(first), "--to", hml.iso(first + timedelta(hours=3)))
         loader(env)

@@ -416,7 +416,8 @@ def test_nan_and_infinity_are_stored_as_null(env, influx, capsys):
 
 
 # -- Secrets and settings ---------------------------------------------------------------------------
-def test_env_file_readable_by_others_is_warned_about(env, influx, capsys, tmp_path):
+def test_env_file_readable_by_others_is_warned_about(env, influx, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOADER_ENV_FILE", str(tmp_path / ".env"))
     (tmp_path / ".env").write_text("ORG=ignored\n")
     (tmp_path / ".env").chmod(0o644)
     code, _, err = call(capsys)

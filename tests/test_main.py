@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import psycopg2
@@ -86,10 +87,49 @@ def test_dry_run_reports_and_writes_nothing(loader_env, influx, capsys):
 
 def test_empty_hour_is_a_success(loader_env, influx, capsys, monkeypatch):
     monkeypatch.setenv("CATCH_UP_HOURS", "1")
+    influx.write_lines("pulse_oximeter", line_protocol(H14 - timedelta(hours=1), 1), precision="s")
+    assert run([], capsys, now=NOW - timedelta(hours=1))[0] == 0
     code, _, err = run([], capsys)
     assert code == 0, err
     assert re.fullmatch(r"\S+ INFO loaded 2021-07-12T14:00:00Z\.\.2021-07-12T15:00:00Z: 0 rows in \d+\.\d\ds\n", err), err
-    assert stored(loader_env["PG_CONNECT"], columns="*") == []
+    assert len(stored(loader_env["PG_CONNECT"], columns="*")) == 720
+    assert ledger_rows(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=1): 720, H14: 0}
+
+
+def recorded_tables(url: str) -> dict:
+    """The tables the loader has filled or checked, with their averaging window."""
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT target_table, aggregate_every FROM loader_tables")
+        return dict(cursor.fetchall())
+
+
+def ledger_rows(url: str) -> dict:
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT hour, rows FROM loaded_hours ORDER BY hour")
+        return dict(cursor.fetchall())
+
+
+def test_a_first_run_that_finds_nothing_records_nothing_and_says_where_it_looked(loader_env, influx, capsys, monkeypatch):
+    """A misspelt INFLUX_MEASUREMENT on the first install must not mark the catch-up as loaded."""
+    monkeypatch.setenv("INFLUX_MEASUREMENT", "SpO2")
+    influx.write_lines("pulse_oximeter", line_protocol(H14 - timedelta(hours=2), 3), precision="s")
+    code, _, err = run([], capsys)
+    assert code == 0, err
+    warnings = [line.split(" WARNING ", 1)[1] for line in err.splitlines() if " WARNING " in line]
+    assert warnings == [
+        "InfluxDB has no readings of measurement 'SpO2' in bucket 'pulse_oximeter' for 2021-07-09T15:00:00Z..2021-07-12T15:00:00Z, "
+        "and public.pox_five_second_mean holds none yet: check INFLUX_MEASUREMENT and INFLUX_BUCKET; "
+        "these hours are not recorded, so the next run asks again"
+    ]
+    assert ledger_rows(loader_env["PG_CONNECT"]) == {}
+    monkeypatch.setenv("INFLUX_MEASUREMENT", "spo2")  # the typo fixed: the whole catch-up span is asked again
+    influx.queries.clear()
+    code, _, err = run([], capsys)
+    assert code == 0, err
+    assert len(influx.queries) == 3
+    rows = ledger_rows(loader_env["PG_CONNECT"])
+    assert len(rows) == 72 and sum(rows.values()) == 3 * 720
+    assert {hour: n for hour, n in rows.items() if n} == {H14 - timedelta(hours=h): 720 for h in (0, 1, 2)}
 
 
 def test_a_new_field_gets_a_column_end_to_end(loader_env, influx, capsys, monkeypatch):
@@ -113,12 +153,15 @@ def test_env_file_beside_the_script(loader_env, influx, capsys, tmp_path, monkey
     (home / ".env").chmod(0o600)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("TOKEN", "PG_TABLE")}
+    # The script runs on the real clock: one reading 2 to 5 hours back is in a complete hour at any minute.
+    now = int(time.time())
+    influx.write_lines("pulse_oximeter", "".join(f"spo2,uid=A spo2=97 {now - h * 3600}\n" for h in (2, 3, 4, 5)), precision="s")
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKEN", "PG_TABLE", "LOADER_ENV_FILE")}
     result = subprocess.run(
         [sys.executable, str(home / "health_metrics_loader.py")], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert stored(loader_env["PG_CONNECT"], "from_env_beside_the_script", columns="*") == []
+    assert len(stored(loader_env["PG_CONNECT"], "from_env_beside_the_script", columns="*")) == 4
 
 
 def test_an_organisation_id_is_taken_like_its_name(loader_env, influx, capsys, monkeypatch):
@@ -178,9 +221,11 @@ def test_missing_settings_exit_2_and_are_all_named(monkeypatch, tmp_path, capsys
 def test_env_file_in_the_working_directory(monkeypatch, tmp_path, loader_env, influx, capsys):
     (tmp_path / ".env").write_text("TOKEN=wrong\nPG_TABLE=from_dotenv\n")
     monkeypatch.delenv("PG_TABLE")
+    monkeypatch.delenv("LOADER_ENV_FILE")  # the default lookup, with the script "beside" nothing
+    monkeypatch.setattr(hml, "__file__", str(tmp_path / "elsewhere" / "health_metrics_loader.py"))
     code, _, err = run([], capsys)
     assert code == 0, err  # TOKEN from the environment wins over .env
-    assert stored(loader_env["PG_CONNECT"], "from_dotenv", columns="*") == []
+    assert recorded_tables(loader_env["PG_CONNECT"]) == {"public.from_dotenv": "5s"}
 
 
 @pytest.mark.parametrize(

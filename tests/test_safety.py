@@ -220,7 +220,24 @@ def test_a_lock_timeout_beyond_postgresql_is_refused(loader_env, capsys, monkeyp
     monkeypatch.setenv("LOCK_TIMEOUT", "2147484")
     code, _, err = call(capsys)
     assert code == 2
-    assert error_lines(err) == ["health_metrics_loader: error: LOCK_TIMEOUT must be a number of seconds from 0 (do not wait) to 2147483"]
+    assert error_lines(err) == [
+        "health_metrics_loader: error: LOCK_TIMEOUT must be 0 (do not wait) or a number of seconds from 0.001 to 2147483"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, value, line",
+    [
+        ("LOCK_TIMEOUT", "0.0004", "LOCK_TIMEOUT must be 0 (do not wait) or a number of seconds from 0.001 to 2147483"),
+        ("QUERY_TIMEOUT", "0.0009", "QUERY_TIMEOUT must be a number of seconds, at least 0.001"),
+    ],
+)
+def test_a_timeout_below_a_millisecond_is_refused_rather_than_read_as_none(loader_env, capsys, monkeypatch, name, value, line):
+    """PostgreSQL would read lock_timeout='0ms' and influxdb-client timeout=0 as "wait forever"."""
+    monkeypatch.setenv(name, value)
+    code, _, err = call(capsys)
+    assert code == 2
+    assert error_lines(err) == [f"health_metrics_loader: error: {line}"]
 
 
 # -- 8-9. Who holds the lock, and one lock per table --------------------------------------------------
@@ -293,7 +310,8 @@ def test_a_ledger_keyed_the_old_way_is_taken_over(loader_env, influx, capsys, mo
 
 
 # -- 10. Clear lines instead of tracebacks ------------------------------------------------------------
-def test_an_env_file_that_is_not_utf8_is_named(loader_env, capsys, tmp_path):
+def test_an_env_file_that_is_not_utf8_is_named(loader_env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOADER_ENV_FILE", str(tmp_path / ".env"))
     (tmp_path / ".env").write_bytes(b"TOKEN=caf\xe9\n")
     (tmp_path / ".env").chmod(0o600)
     code, _, err = call(capsys)
@@ -314,6 +332,7 @@ def test_an_env_file_the_loader_may_not_read_is_named():
             drop = "-dac_override,-dac_read_search"
             command = ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", "--", *command]
         environ = {k: v for k, v in os.environ.items() if k not in ("CONNECTION", "TOKEN", "ORG", "PG_CONNECT")}
+        environ["LOADER_ENV_FILE"] = str(env_file)
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True, env=environ, timeout=60)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

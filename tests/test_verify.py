@@ -109,7 +109,7 @@ def test_a_late_point_days_back_is_found_by_verify_and_fixed_by_repair(loader_en
     code, out, err = call(capsys, ["--repair"], now=at(73))
     assert code == 0, err
     assert out.splitlines()[0] == f"{hml.iso(hour)}  missing 0, changed 1, kept 0 (reloaded)"
-    assert out.splitlines()[-1].endswith("; reloaded 1 hours")
+    assert out.splitlines()[-1].endswith("; reloaded 1 hour")
     assert temps(loader_env["PG_CONNECT"]) == [(late + timedelta(seconds=2), 36.6)]
     code, out, _ = call(capsys, ["--verify"], now=at(73))
     assert code == 0
@@ -141,7 +141,7 @@ def test_a_hand_edited_row_is_named_and_restored(day, influx, capsys, pg):
     assert code == 1
     assert out.splitlines() == [
         "2021-07-12T07:00:00Z  missing 1, changed 1, kept 0",
-        "1 hours checked: 0 equal, 1 with missing or changed rows (1 missing, 1 changed), 0 with rows InfluxDB no longer has (0 kept)",
+        "1 hour checked: 0 equal, 1 with missing or changed rows (1 missing, 1 changed), 0 with rows InfluxDB no longer has (0 kept)",
     ]
     assert call(capsys, ["--repair", "--hour", "2021-07-12T07"], now=at(30))[0] == 0
     assert_rows(stored(day["PG_CONNECT"]), expected_rows(DAY0, 24))
