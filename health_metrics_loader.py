@@ -558,11 +558,14 @@ def frame_from_block(block: Block) -> pd.DataFrame:
 
     if "_time" not in block.header:
         raise SourceError("InfluxDB's answer has no _time column; check the query")
-    fields = [c for c in block.header if c not in META_COLUMNS and c != "_time" and not block.group.get(c)]
+    # The meta columns come first; a field may be called `result` or `table` too (flux#3161).
+    meta = [f"\0{c}" for c in block.header[:2]] if tuple(block.header[:2]) == META_COLUMNS else []
+    columns = block.header[len(meta) :]
+    fields = [c for c in columns if c != "_time" and not block.group.get(c)]
     wrong = [f for f in fields if block.datatypes.get(f) not in NUMERIC_TYPES]
     if wrong:
         raise DataError(f"field {wrong[0]!r} is {block.datatypes.get(wrong[0])}, not a number; only numeric fields can be averaged")
-    names = ["", *block.header]
+    names = ["", *meta, *columns]
     frame = pd.read_csv(
         io.BytesIO(block.data),
         header=None,
@@ -647,11 +650,23 @@ def read_influxql_answer(body: bytes, every_ns: int, window: Window) -> pd.DataF
         return pd.DataFrame({"_time": pd.Series([], dtype="datetime64[ns, UTC]")})
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     stop = int(window.stop.timestamp()) * 10**9
-    stamps = np.minimum(frame["_time"].to_numpy("int64") + every_ns, stop)
+    stamps = np.minimum(epoch_ns(frame["_time"]) + every_ns, stop)
     fields = frame.columns.drop("_time")
     frame = frame.astype(dict.fromkeys(fields, "float64"))
     frame["_time"] = pd.to_datetime(stamps, unit="ns", utc=True)
     return frame
+
+
+def epoch_ns(times: pd.Series):
+    """Nanoseconds since the epoch, from integers (epoch=ns) or RFC3339 strings (a server that ignores epoch)."""
+    import pandas as pd
+
+    if pd.api.types.is_integer_dtype(times):
+        return times.to_numpy("int64")
+    try:
+        return pd.to_datetime(times, format="ISO8601", utc=True).astype("datetime64[ns, UTC]").to_numpy("datetime64[ns]").view("int64")
+    except (ValueError, TypeError):
+        raise SourceError("InfluxDB sent a time that is neither epoch nanoseconds nor an RFC3339 time") from None
 
 
 def clean(frame: pd.DataFrame) -> pd.DataFrame:
@@ -1419,10 +1434,8 @@ def stamped_every_ns(stamps_us: Sequence[int], every_ns: int) -> int | None:
     every_us = every_ns // 1000
     if all(stamp % every_us == 0 for stamp in stamps_us):
         return None
-    distinct = sorted(set(stamps_us))
-    steps = [b - a for a, b in zip(distinct, distinct[1:])]
-    step = min(steps) if steps else 0
-    return step * 1000 if step and all(stamp % step == 0 for stamp in distinct) else 0
+    coarsest = math.gcd(*stamps_us) * 1000  # the widest window whose grid holds every stamp
+    return coarsest if duration_ns(influxql_duration(coarsest)) == coarsest else 0
 
 
 def check_resolution(cursor, table: tuple[str, ...], settings: Settings) -> tuple[str | None, bool]:
@@ -1641,27 +1654,37 @@ def load_chunk(
 
 
 def load_refused(connection, table: tuple[str, ...], window: Window, exc: BaseException) -> DatabaseError:
-    """PostgreSQL's refusal of a load as one line; a lock names the session that holds it."""
+    """PostgreSQL's refusal of a load as one line."""
     import psycopg2.errors
 
-    if isinstance(exc, psycopg2.errors.LockNotAvailable) and not connection.closed:
-        holder = ""
-        with suppress(psycopg2.Error), connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT l.mode, l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE l.relation = to_regclass(%s) AND l.granted AND l.pid <> pg_backend_pid() ORDER BY l.mode LIMIT 1",
-                (qualified(table),),
-            )
-            found = cursor.fetchone()
-            connection.rollback()
-            if found:
-                holder = f": session {found[1]} ({found[2] or 'no application_name'}) holds {found[0]}"
-        return DatabaseError(
-            f"another session kept {'.'.join(table)} locked past LOCK_TIMEOUT{holder}; nothing of {window} was written, the next run tries again"
-        )
+    if isinstance(exc, psycopg2.errors.LockNotAvailable):
+        return lock_refused(connection, table, f"nothing of {window} was written")
     if isinstance(exc, psycopg2.errors.QueryCanceled):
         return DatabaseError(f"PostgreSQL took too long over the load of {window} ({pg_reason(exc)}); nothing of it was written")
     return DatabaseError(f"PostgreSQL refused the load of {window} ({pg_reason(exc)}); nothing of it was written")
+
+
+def lock_refused(connection, table: tuple[str, ...], outcome: str) -> DatabaseError:
+    """A table lock that outlasted lock_timeout, naming the session that holds it."""
+    import psycopg2
+
+    holder = ""
+    if not connection.closed:
+        with suppress(psycopg2.Error):
+            connection.rollback()
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT l.mode, l.pid, a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.relation = to_regclass(%s) AND l.granted AND l.pid <> pg_backend_pid() ORDER BY l.mode LIMIT 1",
+                    (qualified(table),),
+                )
+                found = cursor.fetchone()
+            connection.rollback()
+            if found:
+                holder = f" (session {found[1]}, {found[2] or 'no application_name'}, holds {found[0]})"
+    return DatabaseError(
+        f"another session kept {'.'.join(table)} locked past LOCK_TIMEOUT{holder}; {outcome}, and the next run tries again"
+    )
 
 
 def drop_identical_copies(cursor, table: tuple[str, ...], window: Window | None = None) -> int:
@@ -2009,8 +2032,9 @@ def load_windows(
         filled = True
         loaded.append(load_chunk(connection, table, chunk, plan.replace, now, plan.write, plan.checking, frozen_before))
         report_load(chunk.window, loaded[-1], plan, time.monotonic() - started)
-        if (loaded[-1].lacking or loaded[-1].created) and not chunk.frame.empty and not asked_for_types:
-            asked_for_types = warn_of_skipped_fields(source, chunk.window, retrier)
+        if plan.write and not chunk.frame.empty and not asked_for_types:
+            due = bool(loaded[-1].lacking or loaded[-1].created)
+            asked_for_types = warn_of_skipped_fields(source, chunk.window, retrier, connection, table, now, due)
         while unfilled:  # readings arrived after all: the empty hours before them are loaded too
             load(unfilled.pop(0), time.monotonic())
 
@@ -2063,19 +2087,40 @@ def load_windows(
     return loaded
 
 
-def warn_of_skipped_fields(source: FluxSource | InfluxQLSource, window: Window, retrier: Retrier) -> bool:
-    """InfluxQL's mean(*) skips a field that is not a number without a word. When the first
-    load creates the table, or an answer lacks a field the table has, ask which fields those
-    are (once a run, so an ordinary hourly call sends no extra query)."""
+FIELDS_RECHECK = timedelta(days=1)
+
+
+def warn_of_skipped_fields(
+    source: FluxSource | InfluxQLSource, window: Window, retrier: Retrier, connection, table: tuple[str, ...], now: datetime, due: bool
+) -> bool:
+    """InfluxQL's mean(*) skips a field that is not a number without a word, so ask which
+    fields those are: when the first load creates the table or an answer lacks a field the
+    table has (`due`), and else once a day. Each such field is named once; returns whether
+    it asked."""
     if source.dialect != "influxql":
         return False
+    with database_errors(), connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT fields_checked_at, skipped_fields FROM {qualified(tables_of(table))} WHERE target_table = %s", (ledger_key(table),)
+        )
+        checked_at, named = cursor.fetchone() or (None, [])
+    connection.rollback()
+    if not due and checked_at is not None and now - checked_at < FIELDS_RECHECK:
+        return False
     fields = retrier.call(lambda: source.non_numeric_fields(window))
-    if fields:
+    new = [f for f in fields if f not in named or due]
+    if new:
         log.warning(
             "field %s of measurement %r is not a number, so mean(*) skips it and it is not archived",
-            ", ".join(map(repr, fields)),
+            ", ".join(map(repr, new)),
             source.settings.measurement,
         )
+    with database_errors(), connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {qualified(tables_of(table))} SET fields_checked_at = %s, skipped_fields = %s WHERE target_table = %s",
+            (now, sorted(set(named) | set(fields)), ledger_key(table)),
+        )
+    connection.commit()
     return True
 
 
@@ -2148,7 +2193,7 @@ def run(
             filled = True
             if not dry_run:
                 acquire_lock(connection, table, wait=None if plan.hours is None else settings.lock_timeout)
-                with connection.cursor() as cursor:
+                with table_locks_named(connection, table), connection.cursor() as cursor:
                     ensure_ledger(cursor, table)
                     filled = adopt_table(cursor, table, settings) if plan.write else check_resolution(cursor, table, settings)[1]
                 connection.commit()
@@ -2168,6 +2213,16 @@ def run(
         source.close()
         if connection is not None:
             connection.close()
+
+
+@contextmanager
+def table_locks_named(connection, table: tuple[str, ...]) -> Iterator[None]:
+    import psycopg2.errors
+
+    try:
+        yield
+    except psycopg2.errors.LockNotAvailable:
+        raise lock_refused(connection, table, "nothing was written") from None
 
 
 def report_windows(source: FluxSource | InfluxQLSource, windows: Sequence[Window], retrier: Retrier) -> None:

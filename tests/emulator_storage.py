@@ -127,6 +127,15 @@ class Storage:
                 series._sorted = None
             self.generation += 1
 
+    def forget_before(self, bucket: str, stamp: int) -> None:
+        """Drop every point older than `stamp` (ns), as InfluxDB 3 applies retention: point by
+        point, at each point's own time, not by whole shards."""
+        with self.lock:
+            for series in self.buckets[bucket].values():
+                series.values = {t: v for t, v in series.values.items() if t >= stamp}
+                series._sorted = None
+            self.generation += 1
+
     def add_series(self, bucket: str, measurement: str, tags: dict, field_key: str, times: list[int], values: list) -> None:
         """Bulk load for benchmarks; `times` must be sorted."""
         kind = "double" if isinstance(values[0], float) else "long"

@@ -99,6 +99,9 @@ def test_empty_hour_is_a_success(loader_env, influx, capsys, monkeypatch):
 def recorded_tables(url: str) -> dict:
     """The tables the loader has filled or checked, with their averaging window."""
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('loader_tables') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return {}
         cursor.execute("SELECT target_table, aggregate_every FROM loader_tables")
         return dict(cursor.fetchall())
 
