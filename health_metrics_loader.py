@@ -1467,16 +1467,26 @@ def adopt_table(cursor, table: tuple[str, ...], settings: Settings) -> bool:
     """Check the table's averaging window, and on the first run of this version on a filled
     table, tidy what older versions (or the blog's script) left; returns whether it holds rows."""
     recorded, filled = check_resolution(cursor, table, settings)
-    if recorded is not None and duration_ns(recorded) == settings.every_ns:
-        return filled
     if filled and recorded is None:
         tidy_copies(cursor, table)
-    cursor.execute(
-        f"INSERT INTO {qualified(tables_of(table))} (target_table, aggregate_every) VALUES (%s, %s)"
-        " ON CONFLICT (target_table) DO UPDATE SET aggregate_every = EXCLUDED.aggregate_every",
-        (ledger_key(table), settings.every),
-    )
+    if recorded is None or duration_ns(recorded) != settings.every_ns:
+        cursor.execute(
+            f"INSERT INTO {qualified(tables_of(table))} (target_table, aggregate_every) VALUES (%s, %s)"
+            " ON CONFLICT (target_table) DO UPDATE SET aggregate_every = EXCLUDED.aggregate_every",
+            (ledger_key(table), settings.every),
+        )
+    columns = table_columns(cursor, table)
+    if columns and not has_rollups(cursor, table):
+        build_rollups(cursor, table, columns)
     return filled
+
+
+def build_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -> None:
+    """Build the rollups from every raw row, with one line saying how long it took."""
+    started = time.monotonic()
+    rebuild_rollups(cursor, table, columns)
+    cursor.execute(f"SELECT count(*) FROM {qualified(table)}")
+    log.info("built the rollups of %s from %s in %.2fs", ".".join(table), plural(cursor.fetchone()[0], "row"), time.monotonic() - started)
 
 
 def has_unique_time(cursor, table: tuple[str, ...]) -> bool:
@@ -1621,6 +1631,8 @@ def load_chunk(
             fields = list(frame.columns.drop("time"))
             existing = table_columns(cursor, table)
             types = ensure_table(cursor, table, fields, existing) if write else existing
+            if write and types.keys() != existing.keys():  # a new table or a new field
+                ensure_rollups(cursor, table, types)
             stored = extract_stored(cursor, table, types, window) if types else frame.iloc[:0]
             comparison = compare_hours(frame, stored, window, frozen_before, types)
             checks = comparison.checks
@@ -1630,6 +1642,7 @@ def load_chunk(
                 if any(check.copies for check in checks.values()):
                     drop_identical_copies(cursor, table, window)
                 rows = rewrite_hours(cursor, table, chunk, types, {hour: checks[hour] for hour in rewritten}, replace, comparison.held)
+                refresh_rollups(cursor, table, types, rewritten)
                 counts = {hour: check.answered + (0 if replace else check.kept) for hour, check in checks.items()}
                 if any(check.conflicting for check in checks.values()):
                     counts = stored_per_hour(cursor, table, window)
@@ -1748,6 +1761,225 @@ def rewrite_hours(
     return len(rows)
 
 
+# -- PostgreSQL: rollups and the panel functions -------------------------------------------
+# Grafana's long ranges would aggregate millions of raw rows per panel. Per UTC minute and
+# hour, the loader keeps each field's count, sum, minimum and maximum beside the table, in
+# the transaction that writes the rows, so that any coarser bucket's mean, minimum and
+# maximum come exact from a few thousand rollup rows.
+ROLLUPS = {"minute": "_1m", "hour": "_1h"}
+AGGREGATES = ("n", "sum", "min", "max")
+
+
+def suffixed(name: str, suffix: str) -> str:
+    """`name` + `suffix` within PostgreSQL's 63 bytes: a long name is cut and told apart by a hash."""
+    import hashlib
+
+    if len((name + suffix).encode()) <= MAX_COLUMN_BYTES:
+        return name + suffix
+    tag = "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    room = MAX_COLUMN_BYTES - len(tag) - len(suffix.encode())
+    return name.encode()[:room].decode(errors="ignore") + tag + suffix
+
+
+def rollup_of(table: tuple[str, ...], grain: str) -> tuple[str, ...]:
+    return (*table[:-1], suffixed(table[-1], ROLLUPS[grain]))
+
+
+def function_of(table: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    return (*table[:-1], suffixed(table[-1], f"_{kind}"))
+
+
+def rollup_column(field_key: str, aggregate: str) -> str:
+    return quote_ident(suffixed(field_key, f"_{aggregate}"))
+
+
+def rollup_table_sql(table: tuple[str, ...], grain: str, fields: Sequence[str]) -> list[str]:
+    """Create the rollup table, and give it columns for fields it lacks (both idempotent)."""
+    rollup = qualified(rollup_of(table, grain))
+    statements = [f"CREATE TABLE IF NOT EXISTS {rollup} (bucket timestamptz PRIMARY KEY, rows integer NOT NULL)"]
+    for name in fields:
+        kinds = {"n": "integer NOT NULL DEFAULT 0", "sum": "double precision", "min": "double precision", "max": "double precision"}
+        statements.append(
+            f"ALTER TABLE {rollup} " + ", ".join(f"ADD COLUMN IF NOT EXISTS {rollup_column(name, a)} {kinds[a]}" for a in AGGREGATES)
+        )
+    return statements
+
+
+def rollup_columns(fields: Sequence[str]) -> str:
+    return ", ".join(["bucket", "rows", *(rollup_column(f, a) for f in fields for a in AGGREGATES)])
+
+
+def refresh_minutes_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
+    """Recompute from the raw rows the minute buckets from %(start)s to %(stop)s, both included
+    (a row stamped on the minute opens its bucket: Grafana groups by floor(epoch / step))."""
+    minute = qualified(rollup_of(table, "minute"))
+    aggregates = ", ".join(f"count({quote_ident(f)}), sum({quote_ident(f)}), min({quote_ident(f)}), max({quote_ident(f)})" for f in fields)
+    return (
+        f"DELETE FROM {minute} WHERE bucket >= %(start)s AND bucket <= %(stop)s;"
+        f" INSERT INTO {minute} ({rollup_columns(fields)})"
+        f" SELECT date_trunc('minute', time::timestamptz), count(*){', ' if fields else ''}{aggregates} FROM {qualified(table)}"
+        " WHERE time >= %(start)s AND time < %(stop)s::timestamptz + interval '1 minute' GROUP BY 1"
+    )
+
+
+def refresh_hours_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
+    """Recompute the hour buckets from %(start)s to %(stop)s from their minute buckets."""
+    hour, minute = qualified(rollup_of(table, "hour")), qualified(rollup_of(table, "minute"))
+    aggregates = ", ".join(f"{combine(f, a)}" for f in fields for a in AGGREGATES)
+    return (
+        f"DELETE FROM {hour} WHERE bucket >= %(start)s AND bucket <= %(stop)s;"
+        f" INSERT INTO {hour} ({rollup_columns(fields)})"
+        f" SELECT date_trunc('hour', r.bucket), sum(r.rows){', ' if fields else ''}{aggregates} FROM {minute} r"
+        " WHERE r.bucket >= %(start)s AND r.bucket < %(stop)s::timestamptz + interval '1 hour' GROUP BY 1"
+    )
+
+
+def combine(field_key: str, aggregate: str, source: str = "r") -> str:
+    """How buckets of a finer grain make up a coarser one's aggregate."""
+    column = f"{source}.{rollup_column(field_key, aggregate)}"
+    return {"n": f"sum({column})", "sum": f"sum({column})", "min": f"min({column})", "max": f"max({column})"}[aggregate]
+
+
+def raw_aggregates(field_key: str, source: str = "r") -> str:
+    column = f"{source}.{quote_ident(field_key)}"
+    return f"count({column}), sum({column}), min({column}), max({column})"
+
+
+def panel_columns(fields: Sequence[str]) -> str:
+    """What a panel function returns per field: the mean, the minimum and the maximum."""
+    return ", ".join(
+        f"{quote_ident(f)} double precision, {rollup_column(f, 'min')} double precision, {rollup_column(f, 'max')} double precision"
+        for f in fields
+    )
+
+
+def panel_values(fields: Sequence[str]) -> str:
+    """Means, minima and maxima from parts that carry each field's n, sum, min and max."""
+    values = []
+    for i, _ in enumerate(fields):
+        n, total, low, high = (f"p.a{i}_{a}" for a in AGGREGATES)
+        values.append(f"sum({total}) / nullif(sum({n}), 0), min({low}), max({high})")
+    return ", ".join(values)
+
+
+def part_columns(fields: Sequence[str]) -> str:
+    return ", ".join(["g", "rows", *(f"a{i}_{a}" for i, _ in enumerate(fields) for a in AGGREGATES)])
+
+
+def series_function_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
+    """`<table>_series(t_from, t_to, interval_ms)`: bucket for bucket what Grafana's
+    `$__timeGroupAlias(time, $__interval)` with `$__timeFilter(time)` gives over the raw rows,
+    read from the hour rollup for whole hours, the minute rollup for whole minutes, and the
+    raw rows for other steps and for the partial buckets at each end."""
+    name, raw = qualified(function_of(table, "series")), qualified(table)
+    group = "floor(extract(epoch FROM {}) / step) * step"
+    rolled = {grain: ", ".join(combine(f, a) for f in fields for a in AGGREGATES) for grain in ROLLUPS}
+    from_raw = ", ".join(raw_aggregates(f) for f in fields)
+    sep = ", " if fields else ""
+    parts = [
+        f"SELECT {group.format('r.bucket')}, sum(r.rows){sep}{rolled['hour']} FROM {qualified(rollup_of(table, 'hour'))} r"
+        " WHERE grain = 'hour' AND r.bucket >= lo AND r.bucket < hi GROUP BY 1",
+        f"SELECT {group.format('r.bucket')}, sum(r.rows){sep}{rolled['minute']} FROM {qualified(rollup_of(table, 'minute'))} r"
+        " WHERE grain = 'minute' AND r.bucket >= lo AND r.bucket < hi GROUP BY 1",
+        f"SELECT {group.format('r.time')}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo GROUP BY 1",
+        f"SELECT {group.format('r.time')}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi AND r.time <= t_to GROUP BY 1",
+    ]
+    return (
+        f"CREATE OR REPLACE FUNCTION {name}(t_from timestamptz, t_to timestamptz, interval_ms bigint)"
+        f' RETURNS TABLE ("time" timestamptz{sep}{panel_columns(fields)})'
+        " LANGUAGE plpgsql STABLE SET \"TimeZone\" TO 'UTC' AS $fn$\n"
+        "#variable_conflict use_column\n"
+        "DECLARE\n"
+        "  step numeric := greatest(interval_ms, 1) / 1000.0;\n"
+        "  lo timestamptz := to_timestamp(ceil(extract(epoch FROM t_from) / step) * step);\n"
+        "  hi timestamptz := to_timestamp(floor(extract(epoch FROM t_to) / step) * step);\n"
+        "  grain text := CASE WHEN interval_ms % 3600000 = 0 THEN 'hour' WHEN interval_ms % 60000 = 0 THEN 'minute' END;\n"
+        "BEGIN\n"
+        "  IF grain IS NULL OR lo >= hi THEN lo := t_to; hi := t_to; END IF;  -- no whole bucket: raw rows only\n"
+        f"  RETURN QUERY WITH parts ({part_columns(fields)}) AS (\n    "
+        + "\n    UNION ALL ".join(parts)
+        + f"\n  ) SELECT to_timestamp(p.g){sep}{panel_values(fields)} FROM parts p GROUP BY p.g ORDER BY p.g;\n"
+        "END $fn$"
+    )
+
+
+def stats_function_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
+    """`<table>_stats(t_from, t_to)`: one row of each field's mean, minimum and maximum over
+    the rows BETWEEN t_from AND t_to, from the hour rollup and the raw rows at each end."""
+    name, raw = qualified(function_of(table, "stats")), qualified(table)
+    sep = ", " if fields else ""
+    rolled = ", ".join(combine(f, a) for f in fields for a in AGGREGATES)
+    from_raw = ", ".join(raw_aggregates(f) for f in fields)
+    parts = [
+        f"SELECT 0, sum(r.rows){sep}{rolled} FROM {qualified(rollup_of(table, 'hour'))} r WHERE r.bucket >= lo AND r.bucket < hi",
+        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo",
+        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi AND r.time <= t_to",
+    ]
+    return (
+        f"CREATE OR REPLACE FUNCTION {name}(t_from timestamptz, t_to timestamptz)"
+        f" RETURNS TABLE ({panel_columns(fields) or 'rows bigint'})"
+        " LANGUAGE plpgsql STABLE SET \"TimeZone\" TO 'UTC' AS $fn$\n"
+        "#variable_conflict use_column\n"
+        "DECLARE\n"
+        "  lo timestamptz := date_trunc('hour', t_from) + CASE WHEN t_from = date_trunc('hour', t_from) THEN interval '0' ELSE interval '1 hour' END;\n"
+        "  hi timestamptz := date_trunc('hour', t_to);\n"
+        "BEGIN\n"
+        "  IF lo >= hi THEN lo := t_to; hi := t_to; END IF;\n"
+        f"  RETURN QUERY WITH parts ({part_columns(fields)}) AS (\n    "
+        + "\n    UNION ALL ".join(parts)
+        + f"\n  ) SELECT {panel_values(fields) or 'sum(p.rows)'} FROM parts p;\n"
+        "END $fn$"
+    )
+
+
+def rollup_fields(columns: Mapping[str, str]) -> list[str]:
+    return [c for c, kind in columns.items() if c != "time" and is_numeric_column(kind)]
+
+
+def ensure_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -> None:
+    """Create or extend the rollup tables, and (re)create the panel functions for the table's fields."""
+    fields = rollup_fields(columns)
+    for grain in ROLLUPS:
+        for statement in rollup_table_sql(table, grain, fields):
+            cursor.execute(statement)
+    # A new field changes what the functions return, which CREATE OR REPLACE cannot do.
+    cursor.execute(f"DROP FUNCTION IF EXISTS {qualified(function_of(table, 'series'))}(timestamptz, timestamptz, bigint)")
+    cursor.execute(f"DROP FUNCTION IF EXISTS {qualified(function_of(table, 'stats'))}(timestamptz, timestamptz)")
+    cursor.execute(series_function_sql(table, fields))
+    cursor.execute(stats_function_sql(table, fields))
+
+
+def refresh_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str], hours: Iterable[datetime]) -> None:
+    """Recompute, from the raw rows, every rollup bucket that the rewritten hours touch."""
+    fields = rollup_fields(columns)
+    for start, last in runs(sorted(hours)):
+        span = {"start": start, "stop": last + HOUR}
+        cursor.execute(refresh_minutes_sql(table, fields), span)
+        cursor.execute(refresh_hours_sql(table, fields), span)
+
+
+def rebuild_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -> None:
+    """Build the rollups anew from every raw row, whoever wrote it."""
+    fields = rollup_fields(columns)
+    ensure_rollups(cursor, table, columns)
+    for grain in ROLLUPS:
+        cursor.execute(f"TRUNCATE {qualified(rollup_of(table, grain))}")
+    cursor.execute(f"SELECT min(time::timestamptz), max(time::timestamptz) FROM {qualified(table)}")
+    first, last = cursor.fetchone()
+    if first is None:
+        return
+    span = {"start": hour_floor(first), "stop": hour_floor(last) + HOUR}
+    cursor.execute(refresh_minutes_sql(table, fields), span)
+    cursor.execute(refresh_hours_sql(table, fields), span)
+
+
+def has_rollups(cursor, table: tuple[str, ...]) -> bool:
+    cursor.execute(
+        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL", tuple(qualified(rollup_of(table, g)) for g in ROLLUPS)
+    )
+    return cursor.fetchone()[0]
+
+
 # -- Status ------------------------------------------------------------------------------
 MARK_LOADED, MARK_EMPTY, MARK_MISSING, MARK_PENDING = "#", "o", ".", " "
 
@@ -1850,6 +2082,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     action.add_argument("--repair", action="store_true", help="compare like --verify, then reload the hours that differ")
     action.add_argument("--status", action="store_true", help="show which hours are loaded; exit 1 if the newest is over 2 hours old")
+    action.add_argument(
+        "--rebuild-rollups",
+        action="store_true",
+        help="rebuild the minute and hour rollups from every row (after editing the table by hand)",
+    )
     parser.add_argument("--replace", action="store_true", help="make the hours exactly InfluxDB's answer, dropping rows it no longer has")
     parser.add_argument("--days", type=int, default=7, metavar="N", help="days that --status shows (default 7)")
     parser.add_argument("--dry-run", action="store_true", help="query and report; write nothing")
@@ -1861,8 +2098,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--from and --to go together")
     if not 1 <= args.days <= 366:
         parser.error("--days must be from 1 to 366")
-    if args.status and (args.hour or args.start or args.replace or args.dry_run):
-        parser.error("--status takes no hours, --replace or --dry-run")
+    if (args.status or args.rebuild_rollups) and (args.hour or args.start or args.replace or args.dry_run):
+        parser.error(f"{'--status' if args.status else '--rebuild-rollups'} takes no hours, --replace or --dry-run")
     if args.replace and (args.verify or not (args.hour or args.start or args.repair)):
         parser.error("--replace goes with --hour, --from/--to or --repair")
     if args.verify and args.dry_run:
@@ -2258,6 +2495,24 @@ def load_window(settings: Settings, start: datetime, stop: datetime, now: dateti
         raise
 
 
+def rebuild_rollups_of(settings: Settings) -> int:
+    """--rebuild-rollups: under the table's lock, like any load."""
+    with database_errors():
+        connection = connect_postgres(settings)
+        try:
+            table = resolve_table(connection, settings.table)
+            acquire_lock(connection, table, wait=settings.lock_timeout)
+            with table_locks_named(connection, table), connection.cursor() as cursor:
+                columns = table_columns(cursor, table)
+                if not columns:
+                    raise ConfigError(f"there is no table {'.'.join(table)} to build rollups of: check PG_TABLE")
+                build_rollups(cursor, table, columns)
+            connection.commit()
+        finally:
+            connection.close()
+    return EXIT_OK
+
+
 def show_status(settings: Settings, now: datetime, days: int) -> int:
     since = min(hour_floor(now).replace(hour=0) - timedelta(days=days), now - timedelta(hours=settings.catch_up_hours + 1))
     with database_errors():
@@ -2315,6 +2570,8 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
             log.warning(warning)
         if args.status:
             return show_status(settings, now, args.days)
+        if args.rebuild_rollups:
+            return rebuild_rollups_of(settings)
         plan = plan_from_args(args, now, settings)
         loaded = run(settings, plan, args.dry_run, now)
         if plan.mode != "load":
