@@ -1475,10 +1475,15 @@ def adopt_table(cursor, table: tuple[str, ...], settings: Settings) -> bool:
             " ON CONFLICT (target_table) DO UPDATE SET aggregate_every = EXCLUDED.aggregate_every",
             (ledger_key(table), settings.every),
         )
+    ensure_rollups_built(cursor, table)
+    return filled
+
+
+def ensure_rollups_built(cursor, table: tuple[str, ...]) -> None:
+    """A table that exists without rollups (older versions made it, or the blog's script) gets them."""
     columns = table_columns(cursor, table)
     if columns and not has_rollups(cursor, table):
         build_rollups(cursor, table, columns)
-    return filled
 
 
 def build_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -> None:
@@ -1602,6 +1607,7 @@ def load_frame(connection, table: tuple[str, ...], frame: pd.DataFrame, window: 
     """Bring the window's rows in line with `frame` and record its hours; returns rows written."""
     with database_errors(), connection.cursor() as cursor:
         ensure_ledger(cursor, table)
+        ensure_rollups_built(cursor, table)
     connection.commit()
     return load_chunk(connection, table, prepare_chunk(frame, window), **options).rows
 
@@ -1766,7 +1772,7 @@ def rewrite_hours(
 # hour, the loader keeps each field's count, sum, minimum and maximum beside the table, in
 # the transaction that writes the rows, so that any coarser bucket's mean, minimum and
 # maximum come exact from a few thousand rollup rows.
-ROLLUPS = {"minute": "_1m", "hour": "_1h"}
+ROLLUPS = {"_1m": 60, "_5m": 300, "_1h": 3600}  # suffix: seconds; each grain is built from the one before it
 AGGREGATES = ("n", "sum", "min", "max")
 
 
@@ -1782,7 +1788,7 @@ def suffixed(name: str, suffix: str) -> str:
 
 
 def rollup_of(table: tuple[str, ...], grain: str) -> tuple[str, ...]:
-    return (*table[:-1], suffixed(table[-1], ROLLUPS[grain]))
+    return (*table[:-1], suffixed(table[-1], grain))
 
 
 def function_of(table: tuple[str, ...], kind: str) -> tuple[str, ...]:
@@ -1794,11 +1800,16 @@ def rollup_column(field_key: str, aggregate: str) -> str:
 
 
 def rollup_table_sql(table: tuple[str, ...], grain: str, fields: Sequence[str]) -> list[str]:
-    """Create the rollup table, and give it columns for fields it lacks (both idempotent)."""
+    """Create the rollup table, and give it columns for fields it lacks (both idempotent).
+
+    The counts are smallint (an hour holds at most 3600 rows) and come after the doubles, so
+    that no row pads."""
     rollup = qualified(rollup_of(table, grain))
-    statements = [f"CREATE TABLE IF NOT EXISTS {rollup} (bucket timestamptz PRIMARY KEY, rows integer NOT NULL)"]
+    kinds = {"n": "smallint NOT NULL DEFAULT 0", "sum": "double precision", "min": "double precision", "max": "double precision"}
+    columns = [f"{rollup_column(f, a)} {kinds[a]}" for a in ("sum", "min", "max") for f in fields]
+    columns += ["rows smallint NOT NULL", *(f"{rollup_column(f, 'n')} {kinds['n']}" for f in fields)]
+    statements = [f"CREATE TABLE IF NOT EXISTS {rollup} (bucket timestamptz PRIMARY KEY, {', '.join(columns)})"]
     for name in fields:
-        kinds = {"n": "integer NOT NULL DEFAULT 0", "sum": "double precision", "min": "double precision", "max": "double precision"}
         statements.append(
             f"ALTER TABLE {rollup} " + ", ".join(f"ADD COLUMN IF NOT EXISTS {rollup_column(name, a)} {kinds[a]}" for a in AGGREGATES)
         )
@@ -1809,28 +1820,27 @@ def rollup_columns(fields: Sequence[str]) -> str:
     return ", ".join(["bucket", "rows", *(rollup_column(f, a) for f in fields for a in AGGREGATES)])
 
 
-def refresh_minutes_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
-    """Recompute from the raw rows the minute buckets from %(start)s to %(stop)s, both included
-    (a row stamped on the minute opens its bucket: Grafana groups by floor(epoch / step))."""
-    minute = qualified(rollup_of(table, "minute"))
-    aggregates = ", ".join(f"count({quote_ident(f)}), sum({quote_ident(f)}), min({quote_ident(f)}), max({quote_ident(f)})" for f in fields)
+def refresh_sql(table: tuple[str, ...], fields: Sequence[str], grain: str) -> str:
+    """Recompute the grain's buckets from %(start)s to %(stop)s, both included: the minutes from
+    the raw rows, each coarser grain from the grain before it. A row stamped on the minute opens
+    its bucket, as Grafana groups by floor(epoch / step)."""
+    rollup, seconds = qualified(rollup_of(table, grain)), ROLLUPS[grain]
+    finer = list(ROLLUPS)[list(ROLLUPS).index(grain) - 1] if grain != "_1m" else None
+    sep = ", " if fields else ""
+    if finer is None:
+        bucket, source, moment = "date_trunc('minute', r.time::timestamptz)", qualified(table), "r.time"
+        values = f"count(*){sep}" + ", ".join(raw_aggregates(f) for f in fields)
+    else:
+        bucket, source, moment = (
+            f"to_timestamp(date_part('epoch', r.bucket)::bigint / {seconds} * {seconds})",
+            qualified(rollup_of(table, finer)),
+            "r.bucket",
+        )
+        values = f"sum(r.rows){sep}" + ", ".join(combine(f, a) for f in fields for a in AGGREGATES)
     return (
-        f"DELETE FROM {minute} WHERE bucket >= %(start)s AND bucket <= %(stop)s;"
-        f" INSERT INTO {minute} ({rollup_columns(fields)})"
-        f" SELECT date_trunc('minute', time::timestamptz), count(*){', ' if fields else ''}{aggregates} FROM {qualified(table)}"
-        " WHERE time >= %(start)s AND time < %(stop)s::timestamptz + interval '1 minute' GROUP BY 1"
-    )
-
-
-def refresh_hours_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
-    """Recompute the hour buckets from %(start)s to %(stop)s from their minute buckets."""
-    hour, minute = qualified(rollup_of(table, "hour")), qualified(rollup_of(table, "minute"))
-    aggregates = ", ".join(f"{combine(f, a)}" for f in fields for a in AGGREGATES)
-    return (
-        f"DELETE FROM {hour} WHERE bucket >= %(start)s AND bucket <= %(stop)s;"
-        f" INSERT INTO {hour} ({rollup_columns(fields)})"
-        f" SELECT date_trunc('hour', r.bucket), sum(r.rows){', ' if fields else ''}{aggregates} FROM {minute} r"
-        " WHERE r.bucket >= %(start)s AND r.bucket < %(stop)s::timestamptz + interval '1 hour' GROUP BY 1"
+        f"DELETE FROM {rollup} WHERE bucket >= %(start)s AND bucket <= %(stop)s;"
+        f" INSERT INTO {rollup} ({rollup_columns(fields)}) SELECT {bucket}, {values} FROM {source} r"
+        f" WHERE {moment} >= %(start)s AND {moment} < %(stop)s::timestamptz + interval '{seconds} seconds' GROUP BY 1"
     )
 
 
@@ -1868,34 +1878,47 @@ def part_columns(fields: Sequence[str]) -> str:
 
 def series_function_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
     """`<table>_series(t_from, t_to, interval_ms)`: bucket for bucket what Grafana's
-    `$__timeGroupAlias(time, $__interval)` with `$__timeFilter(time)` gives over the raw rows,
-    read from the hour rollup for whole hours, the minute rollup for whole minutes, and the
-    raw rows for other steps and for the partial buckets at each end."""
+    `$__timeGroupAlias(time, $__interval)` with `$__timeFilter(time)` gives over the raw rows.
+    The whole buckets come from the coarsest rollup whose grain divides the step; other steps,
+    and the partial buckets at each end, from the raw rows."""
     name, raw = qualified(function_of(table, "series")), qualified(table)
-    group = "floor(extract(epoch FROM {}) / step) * step"
-    rolled = {grain: ", ".join(combine(f, a) for f in fields for a in AGGREGATES) for grain in ROLLUPS}
-    from_raw = ", ".join(raw_aggregates(f) for f in fields)
+    group = "floor(extract(epoch FROM r.time) / step) * step"  # Grafana's $__timeGroup, to the digit
+    whole = "date_part('epoch', r.bucket)::bigint / seconds * seconds"  # the same in integers for whole seconds: quicker
     sep = ", " if fields else ""
+    rolled = ", ".join(combine(f, a) for f in fields for a in AGGREGATES)
+    from_raw = ", ".join(raw_aggregates(f) for f in fields)
     parts = [
-        f"SELECT {group.format('r.bucket')}, sum(r.rows){sep}{rolled['hour']} FROM {qualified(rollup_of(table, 'hour'))} r"
-        " WHERE grain = 'hour' AND r.bucket >= lo AND r.bucket < hi GROUP BY 1",
-        f"SELECT {group.format('r.bucket')}, sum(r.rows){sep}{rolled['minute']} FROM {qualified(rollup_of(table, 'minute'))} r"
-        " WHERE grain = 'minute' AND r.bucket >= lo AND r.bucket < hi GROUP BY 1",
-        f"SELECT {group.format('r.time')}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo GROUP BY 1",
-        f"SELECT {group.format('r.time')}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi AND r.time <= t_to GROUP BY 1",
+        f"SELECT {whole}, sum(r.rows){sep}{rolled} FROM {qualified(rollup_of(table, grain))} r"
+        f" WHERE grain = '{grain}' AND r.bucket >= lo AND r.bucket < hi GROUP BY 1"
+        for grain in ROLLUPS
     ]
+    minutes = qualified(rollup_of(table, "_1m"))
+    parts += [  # the partial buckets at each end: whole minutes from the minute rollup, the rest raw
+        f"SELECT {whole}, sum(r.rows){sep}{rolled} FROM {minutes} r WHERE r.bucket >= lo_m AND r.bucket < lo GROUP BY 1",
+        f"SELECT {whole}, sum(r.rows){sep}{rolled} FROM {minutes} r WHERE r.bucket >= hi AND r.bucket < hi_m GROUP BY 1",
+        f"SELECT {group}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo_m GROUP BY 1",
+        f"SELECT {group}, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi_m AND r.time <= t_to GROUP BY 1",
+    ]
+    grains = " ".join(f"WHEN interval_ms % {seconds * 1000} = 0 THEN '{grain}'" for grain, seconds in reversed(ROLLUPS.items()))
     return (
         f"CREATE OR REPLACE FUNCTION {name}(t_from timestamptz, t_to timestamptz, interval_ms bigint)"
         f' RETURNS TABLE ("time" timestamptz{sep}{panel_columns(fields)})'
-        " LANGUAGE plpgsql STABLE SET \"TimeZone\" TO 'UTC' AS $fn$\n"
+        " LANGUAGE plpgsql STABLE SET \"TimeZone\" TO 'UTC' SET work_mem TO '16MB' AS $fn$\n"
         "#variable_conflict use_column\n"
         "DECLARE\n"
         "  step numeric := greatest(interval_ms, 1) / 1000.0;\n"
+        "  seconds bigint := greatest(interval_ms / 1000, 1);\n"
         "  lo timestamptz := to_timestamp(ceil(extract(epoch FROM t_from) / step) * step);\n"
         "  hi timestamptz := to_timestamp(floor(extract(epoch FROM t_to) / step) * step);\n"
-        "  grain text := CASE WHEN interval_ms % 3600000 = 0 THEN 'hour' WHEN interval_ms % 60000 = 0 THEN 'minute' END;\n"
+        "  lo_m timestamptz := to_timestamp(ceil(extract(epoch FROM t_from) / 60) * 60);\n"
+        "  hi_m timestamptz := to_timestamp(floor(extract(epoch FROM t_to) / 60) * 60);\n"
+        f"  grain text := CASE {grains} END;\n"
         "BEGIN\n"
-        "  IF grain IS NULL OR lo >= hi THEN lo := t_to; hi := t_to; END IF;  -- no whole bucket: raw rows only\n"
+        "  IF grain IS NULL OR lo_m >= hi_m THEN  -- a step of seconds, or not one whole minute: raw rows only\n"
+        "    lo := t_to; hi := t_to; lo_m := t_to; hi_m := t_to;\n"
+        "  ELSIF lo >= hi THEN  -- no whole bucket: minutes and raw rows\n"
+        "    lo := lo_m; hi := lo_m;\n"
+        "  END IF;\n"
         f"  RETURN QUERY WITH parts ({part_columns(fields)}) AS (\n    "
         + "\n    UNION ALL ".join(parts)
         + f"\n  ) SELECT to_timestamp(p.g){sep}{panel_values(fields)} FROM parts p GROUP BY p.g ORDER BY p.g;\n"
@@ -1910,10 +1933,13 @@ def stats_function_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
     sep = ", " if fields else ""
     rolled = ", ".join(combine(f, a) for f in fields for a in AGGREGATES)
     from_raw = ", ".join(raw_aggregates(f) for f in fields)
+    hours, minutes = qualified(rollup_of(table, "_1h")), qualified(rollup_of(table, "_1m"))
     parts = [
-        f"SELECT 0, sum(r.rows){sep}{rolled} FROM {qualified(rollup_of(table, 'hour'))} r WHERE r.bucket >= lo AND r.bucket < hi",
-        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo",
-        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi AND r.time <= t_to",
+        f"SELECT 0, sum(r.rows){sep}{rolled} FROM {hours} r WHERE r.bucket >= lo AND r.bucket < hi",
+        f"SELECT 0, sum(r.rows){sep}{rolled} FROM {minutes} r WHERE r.bucket >= lo_m AND r.bucket < lo",
+        f"SELECT 0, sum(r.rows){sep}{rolled} FROM {minutes} r WHERE r.bucket >= hi AND r.bucket < hi_m",
+        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= t_from AND r.time < lo_m",
+        f"SELECT 0, count(*){sep}{from_raw} FROM {raw} r WHERE r.time >= hi_m AND r.time <= t_to",
     ]
     return (
         f"CREATE OR REPLACE FUNCTION {name}(t_from timestamptz, t_to timestamptz)"
@@ -1921,10 +1947,14 @@ def stats_function_sql(table: tuple[str, ...], fields: Sequence[str]) -> str:
         " LANGUAGE plpgsql STABLE SET \"TimeZone\" TO 'UTC' AS $fn$\n"
         "#variable_conflict use_column\n"
         "DECLARE\n"
-        "  lo timestamptz := date_trunc('hour', t_from) + CASE WHEN t_from = date_trunc('hour', t_from) THEN interval '0' ELSE interval '1 hour' END;\n"
-        "  hi timestamptz := date_trunc('hour', t_to);\n"
+        "  lo timestamptz := to_timestamp(ceil(extract(epoch FROM t_from) / 3600) * 3600);\n"
+        "  hi timestamptz := to_timestamp(floor(extract(epoch FROM t_to) / 3600) * 3600);\n"
+        "  lo_m timestamptz := to_timestamp(ceil(extract(epoch FROM t_from) / 60) * 60);\n"
+        "  hi_m timestamptz := to_timestamp(floor(extract(epoch FROM t_to) / 60) * 60);\n"
         "BEGIN\n"
-        "  IF lo >= hi THEN lo := t_to; hi := t_to; END IF;\n"
+        "  IF lo_m >= hi_m THEN lo := t_to; hi := t_to; lo_m := t_to; hi_m := t_to;\n"
+        "  ELSIF lo >= hi THEN lo := lo_m; hi := lo_m;\n"
+        "  END IF;\n"
         f"  RETURN QUERY WITH parts ({part_columns(fields)}) AS (\n    "
         + "\n    UNION ALL ".join(parts)
         + f"\n  ) SELECT {panel_values(fields) or 'sum(p.rows)'} FROM parts p;\n"
@@ -1952,10 +1982,9 @@ def ensure_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -
 def refresh_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str], hours: Iterable[datetime]) -> None:
     """Recompute, from the raw rows, every rollup bucket that the rewritten hours touch."""
     fields = rollup_fields(columns)
+    statement = "; ".join(refresh_sql(table, fields, grain) for grain in ROLLUPS)  # one round trip
     for start, last in runs(sorted(hours)):
-        span = {"start": start, "stop": last + HOUR}
-        cursor.execute(refresh_minutes_sql(table, fields), span)
-        cursor.execute(refresh_hours_sql(table, fields), span)
+        cursor.execute(statement, {"start": start, "stop": last + HOUR})
 
 
 def rebuild_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) -> None:
@@ -1968,14 +1997,13 @@ def rebuild_rollups(cursor, table: tuple[str, ...], columns: Mapping[str, str]) 
     first, last = cursor.fetchone()
     if first is None:
         return
-    span = {"start": hour_floor(first), "stop": hour_floor(last) + HOUR}
-    cursor.execute(refresh_minutes_sql(table, fields), span)
-    cursor.execute(refresh_hours_sql(table, fields), span)
+    for grain in ROLLUPS:
+        cursor.execute(refresh_sql(table, fields, grain), {"start": hour_floor(first), "stop": hour_floor(last) + HOUR})
 
 
 def has_rollups(cursor, table: tuple[str, ...]) -> bool:
     cursor.execute(
-        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL", tuple(qualified(rollup_of(table, g)) for g in ROLLUPS)
+        "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) name", ([qualified(rollup_of(table, g)) for g in ROLLUPS],)
     )
     return cursor.fetchone()[0]
 

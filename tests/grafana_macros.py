@@ -62,3 +62,20 @@ def expand(sql: str, start: datetime, stop: datetime, interval_ms: int) -> str:
         raise ValueError(f"unknown macro {name!r}")
 
     return MACRO.sub(macro, sql)
+
+
+# The steps Grafana rounds a panel's interval to (rangeutil.roundInterval), as (below, step) in ms.
+ROUNDED = [
+    (15, 10), (35, 20), (75, 50), (150, 100), (350, 200), (750, 500), (1500, 1000), (3500, 2000), (7500, 5000),
+    (12500, 10000), (17500, 15000), (25000, 20000), (45000, 30000), (90000, 60000), (210000, 120000),
+    (450000, 300000), (750000, 600000), (1050000, 900000), (1500000, 1200000), (2700000, 1800000),
+    (5400000, 3600000), (9000000, 7200000), (16200000, 10800000), (32400000, 21600000), (86400000, 43200000),
+    (604800000, 86400000), (1814400000, 604800000), (3628800000, 2592000000),
+]  # fmt: skip
+
+
+def panel_interval_ms(range_ms: int, max_data_points: int, min_interval_ms: int = 0) -> int:
+    """The $__interval_ms Grafana gives a panel: range / points, rounded, never below the panel's minimum."""
+    wanted = range_ms / max_data_points
+    step = next((step for below, step in ROUNDED if wanted < below), 31536000000)
+    return max(step, min_interval_ms)
