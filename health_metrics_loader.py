@@ -2017,55 +2017,102 @@ def runs(hours: Sequence[datetime]) -> list[tuple[datetime, datetime]]:
     return [(w.start, w.stop - HOUR) for w in chunked(hours, max_hours=max(1, len(hours)))]
 
 
+@dataclass(frozen=True)
+class Gap:
+    """Hours after the first loaded hour that are not loaded, and that InfluxDB still holds."""
+
+    first: datetime
+    last: datetime
+    forgotten_at: datetime | None  # when InfluxDB forgets the first of them; None: never
+
+    @property
+    def hours(self) -> int:
+        return int((self.last - self.first) / HOUR) + 1
+
+    def command(self) -> str:
+        return f"--from {iso(self.first)[:13]} --to {iso(self.last + HOUR)[:13]}"
+
+
+AT_RISK = timedelta(days=7)  # --status fails when a gap will be forgotten sooner than this
+
+
+def gaps_at_risk(loaded: Iterable[datetime], first: datetime | None, now: datetime, settings: Settings) -> list[Gap]:
+    """The runs of unloaded hours from the first loaded hour to the latest complete one that
+    InfluxDB has not forgotten yet. Hours before the first loaded hour are not gaps."""
+    if first is None:
+        return []
+    latest = latest_complete_hour(now, settings.settle)
+    edge = settings.forgets_before(now)
+    start = max(first, hour_floor(edge) + HOUR) if edge else first  # an hour InfluxDB has begun to forget is gone
+    if start > latest:
+        return []
+    keep = settings.retention_hours and timedelta(hours=settings.retention_hours)
+    hours = missing_hours(Window(start, latest + HOUR).hours(), loaded)
+    return [Gap(a, b, a + keep if keep else None) for a, b in runs(hours)]
+
+
 def status_report(
     ledger: Mapping[datetime, LedgerEntry],
     now: datetime,
     settings: Settings,
     days: int,
     newest: Mapping[datetime, LedgerEntry] | None = None,
+    first: datetime | None = None,
+    reading: datetime | None = None,
 ) -> tuple[str, int]:
-    """The text of `--status` and its exit code: 1 when the newest loaded hour is over 2 hours old.
+    """The text of `--status` and its exit code: 1 when the newest loaded hour is over 2 hours
+    old, or when InfluxDB will forget an hour that is not loaded within 7 days.
 
-    `newest` is the ledger's newest hour, which may be older than the days shown.
+    `ledger` holds at least the hours InfluxDB still keeps and the days shown; `newest` is the
+    ledger's newest hour, `first` its oldest, `reading` the table's newest row.
     """
     latest = latest_complete_hour(now, settings.settle)
     newest = dict(newest or {}) or ({max(ledger): ledger[max(ledger)]} if ledger else {})
+    first = first or (min(ledger) if ledger else None)
     lines = []
     if newest:
         (hour, entry), *_ = newest.items()
-        lines.append(f"newest loaded hour: {iso(hour)} ({entry.rows} rows), loaded {ago(now - entry.loaded_at)} ago")
+        lines.append(f"newest loaded hour: {iso(hour)} ({plural(entry.rows, 'row')}), loaded {ago(now - entry.loaded_at)} ago")
     else:
         lines.append("newest loaded hour: none yet")
-    lines.append(f"last {days} days (UTC), one mark per hour: {MARK_LOADED} loaded, {MARK_EMPTY} loaded but empty, {MARK_MISSING} missing")
+    lines.append(f"newest reading: {iso(reading)}, {ago(now - reading)} ago" if reading else "newest reading: none yet")
+    lines.append(
+        f"last {plural(days, 'day')} (UTC), one mark per hour: {MARK_LOADED} loaded, {MARK_EMPTY} loaded but empty, {MARK_MISSING} missing"
+    )
     today = hour_floor(now).replace(hour=0)
     for day in (today - timedelta(days=d) for d in reversed(range(days))):
-        lines.append(day_line(ledger, day, latest))
-    gaps = missing_hours(complete_hours(now, settings.settle, settings.catch_up_hours), ledger)
-    span = f"the last {settings.catch_up_hours} hours"
-    lines.append(
-        f"missing in {span}: "
-        + (
-            ", ".join(f"{iso(first)}..{iso(last + HOUR)}" if last > first else iso(first) for first, last in runs(gaps))
-            + f" ({len(gaps)} hours)"
-            if gaps
-            else "none"
-        )
-    )
+        lines.append(day_line(ledger, day, latest, first))
+    gaps = gaps_at_risk(ledger, first, now, settings)
+    if gaps:
+        held = "InfluxDB keeps them" if not settings.retention_hours else "InfluxDB still holds them"
+        lines.append(f"not loaded, and {held} ({plural(sum(g.hours for g in gaps), 'hour')}):")
+        for gap in gaps:
+            span = f"{iso(gap.first)}..{iso(gap.last + HOUR)}" if gap.last > gap.first else iso(gap.first)
+            when = f"forgotten in {duration(gap.forgotten_at - now)}" if gap.forgotten_at else "never forgotten"
+            lines.append(f"  {span}  {when}; load it with {gap.command()}")
+    else:
+        lines.append("not loaded, and InfluxDB still holds them: none" if first else "not loaded: nothing has been loaded yet")
     stale = not newest or now - (max(newest) + HOUR) > timedelta(hours=2)
-    return "\n".join(lines), EXIT_FAILED if stale and latest not in ledger else EXIT_OK
+    urgent = any(gap.forgotten_at and gap.forgotten_at - now < AT_RISK for gap in gaps)
+    return "\n".join(lines), EXIT_FAILED if (stale and latest not in ledger) or urgent else EXIT_OK
 
 
-def day_line(ledger: Mapping[datetime, LedgerEntry], day: datetime, latest: datetime) -> str:
-    """One day of `--status`: a mark per hour, totals, gaps, and the last check and repairs."""
+def day_line(ledger: Mapping[datetime, LedgerEntry], day: datetime, latest: datetime, first: datetime | None = None) -> str:
+    """One day of `--status`: a mark per hour, totals, gaps, and the last check and repairs.
+    Hours before the first loaded hour are not missing: nothing was ever asked of them."""
     hours = [day + h * HOUR for h in range(24)]
+
+    def asked(hour: datetime) -> bool:
+        return hour <= latest and (first is None or hour >= first)
+
     marks = "".join(
-        MARK_PENDING if hour > latest else MARK_MISSING if hour not in ledger else MARK_LOADED if ledger[hour].rows else MARK_EMPTY
+        MARK_PENDING if not asked(hour) else MARK_MISSING if hour not in ledger else MARK_LOADED if ledger[hour].rows else MARK_EMPTY
         for hour in hours
     )
     loaded = [ledger[h] for h in hours if h in ledger]
     missing = [
         f"{first.hour:02d}-{last.hour:02d}" if last > first else f"{first.hour:02d}"
-        for first, last in runs([h for h in hours if h not in ledger and h <= latest])
+        for first, last in runs([h for h in hours if h not in ledger and asked(h)])
     ]
     checked = [e.checked_at for e in loaded if e.checked_at]
     repaired = sum(1 for e in loaded if e.repaired_at)
@@ -2075,6 +2122,16 @@ def day_line(ledger: Mapping[datetime, LedgerEntry], day: datetime, latest: date
         *([f"{repaired} repaired"] if repaired else []),
     ]
     return f"  {day:%Y-%m-%d}  {marks}  {len(loaded):2d}/24 {sum(e.rows for e in loaded):7d} rows" + "".join(f"  {n}" for n in notes)
+
+
+def duration(delta: timedelta) -> str:
+    """A span as people say it: minutes, hours, or days to a tenth."""
+    minutes = max(0, int(delta.total_seconds() // 60))
+    if minutes < 120:
+        return plural(minutes, "minute")
+    if minutes < 48 * 60:
+        return plural(minutes // 60, "hour")
+    return f"{minutes / 1440:.1f} days"
 
 
 def plural(count: int, noun: str) -> str:
@@ -2541,17 +2598,56 @@ def rebuild_rollups_of(settings: Settings) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True)
+class ArchiveState:
+    """What the ledger and the table say: enough for --status and the metrics file."""
+
+    ledger: dict[datetime, LedgerEntry]  # the hours InfluxDB still keeps, and the days asked for
+    newest: dict[datetime, LedgerEntry]
+    first: datetime | None  # the oldest loaded hour
+    reading: datetime | None  # the newest row's time
+
+
+def extract_state(connection, settings: Settings, now: datetime, days: int = 1) -> ArchiveState:
+    """Read the archive's state: four indexed queries."""
+    table = resolve_table(connection, settings.table)
+    first = extract_first_hour(connection, table)
+    edge = settings.forgets_before(now)
+    since = hour_floor(now).replace(hour=0) - timedelta(days=days)
+    since = min(since, max(first, edge) if edge and first else first or since)
+    ledger = extract_ledger(connection, table, hour_floor(since))
+    with connection.cursor() as cursor:
+        reading = None
+        if has_rows(cursor, table):
+            cursor.execute(f"SELECT max(time)::timestamptz FROM {qualified(table)}")
+            reading = cursor.fetchone()[0]
+    connection.rollback()
+    return ArchiveState(ledger, extract_ledger(connection, table, None), first, reading)
+
+
+def extract_first_hour(connection, table: tuple[str, ...]) -> datetime | None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", (qualified(ledger_of(table)),))
+        if cursor.fetchone()[0] is None:
+            connection.rollback()
+            return None
+        cursor.execute(
+            f"SELECT min(hour) FROM {qualified(ledger_of(table))} WHERE target_table = ANY(%s)",
+            (list(dict.fromkeys([ledger_key(table), table[-1]])),),
+        )
+        first = cursor.fetchone()[0]
+    connection.rollback()
+    return first
+
+
 def show_status(settings: Settings, now: datetime, days: int) -> int:
-    since = min(hour_floor(now).replace(hour=0) - timedelta(days=days), now - timedelta(hours=settings.catch_up_hours + 1))
     with database_errors():
         connection = connect_postgres(settings)
         try:
-            table = resolve_table(connection, settings.table)
-            ledger = extract_ledger(connection, table, hour_floor(since))
-            newest = extract_ledger(connection, table, None)
+            state = extract_state(connection, settings, now, days)
         finally:
             connection.close()
-    text, code = status_report(ledger, now, settings, days, newest)
+    text, code = status_report(state.ledger, now, settings, days, state.newest, state.first, state.reading)
     print(text)
     return code
 

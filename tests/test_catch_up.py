@@ -274,7 +274,7 @@ def test_catch_up_and_status_on_a_server_in_another_time_zone(span12, influx, ca
     out = capsys.readouterr().out
     assert code == 0
     assert out.splitlines()[0] == "newest loaded hour: 2021-07-12T11:00:00Z (720 rows), loaded 5 minutes ago"
-    assert out.splitlines()[2] == "  2021-07-12  " + "ooo" + "#" * 9 + " " * 12 + "  12/24    6480 rows"
+    assert out.splitlines()[3] == "  2021-07-12  " + "ooo" + "#" * 9 + " " * 12 + "  12/24    6480 rows"
 
 
 def test_load_window_for_schedulers(span12, influx):
@@ -334,10 +334,13 @@ def test_status_report_text():
     text, code = hml.status_report(book, now, settings, days=2)
     assert text.splitlines() == [
         "newest loaded hour: 2021-07-13T02:00:00Z (720 rows), loaded 65 minutes ago",
+        "newest reading: none yet",
         "last 2 days (UTC), one mark per hour: # loaded, o loaded but empty, . missing",
         "  2021-07-12  #####...#o##########.###  20/24   13680 rows  missing 05-07,20",
         "  2021-07-13  ###                        3/24    2160 rows",
-        "missing in the last 27 hours: 2021-07-12T05:00:00Z..2021-07-12T08:00:00Z, 2021-07-12T20:00:00Z (4 hours)",
+        "not loaded, and InfluxDB still holds them (4 hours):",
+        "  2021-07-12T05:00:00Z..2021-07-12T08:00:00Z  forgotten in 29.1 days; load it with --from 2021-07-12T05 --to 2021-07-12T08",
+        "  2021-07-12T20:00:00Z  forgotten in 29.7 days; load it with --from 2021-07-12T20 --to 2021-07-12T21",
     ]
     assert code == 0
 
@@ -360,7 +363,11 @@ def test_status_end_to_end(span12, influx, capsys):
     out = capsys.readouterr().out
     assert code == 1  # the newest loaded hour, 02:00, ended 9 hours ago
     assert "  2021-07-12  ###.........               3/24    2160 rows  missing 03-11" in out
-    assert "missing in the last 12 hours: 2021-07-12T03:00:00Z..2021-07-12T12:00:00Z (9 hours)" in out
+    assert out.splitlines()[1] == "newest reading: 2021-07-12T03:00:00Z, 9 hours ago"
+    assert out.splitlines()[-2:] == [
+        "not loaded, and InfluxDB still holds them (9 hours):",
+        "  2021-07-12T03:00:00Z..2021-07-12T12:00:00Z  forgotten in 29.6 days; load it with --from 2021-07-12T03 --to 2021-07-12T12",
+    ]
     assert cron(capsys, DAY0 + timedelta(hours=12, minutes=5))[0] == 0
     assert hml.main(["--status", "--days", "1"], now=DAY0 + timedelta(hours=12, minutes=6)) == 0
-    assert "missing in the last 12 hours: none" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == "not loaded, and InfluxDB still holds them: none"

@@ -205,7 +205,7 @@ def test_status_shows_when_each_day_was_checked_and_repaired(day, influx, capsys
     assert call(capsys, ["--repair"], now=at(24, 30))[0] == 0
     code, out, _ = call(capsys, ["--status", "--days", "2"], now=at(24, 40))
     assert code == 0
-    assert out.splitlines()[2:4] == [
+    assert out.splitlines()[3:5] == [
         "  2021-07-12  ########################  24/24   17280 rows  checked 2021-07-13T00:30:00Z  2 repaired",
         "  2021-07-13                             0/24       0 rows",  # hour 00 is not complete yet
     ]
