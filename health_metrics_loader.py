@@ -133,6 +133,8 @@ DEFAULTS = {
     "INFLUX_QUERY_LANGUAGE": "flux",
     "INFLUX_RETENTION_POLICY": "",
     "INFLUX_RETENTION_HOURS": "720",
+    "PING_URL": "",
+    "METRICS_FILE": "",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
 RETENTION_MARGIN = timedelta(hours=1)
@@ -175,6 +177,8 @@ class Settings:
     query_language: str = "flux"
     retention_policy: str = ""
     retention_hours: int = 720
+    ping_url: str = ""
+    metrics_file: str = ""
 
     @property
     def every_ns(self) -> int:
@@ -204,7 +208,7 @@ class Settings:
 
         password = make_url(self.pg_url).password or ""
         influx_password = self.token.partition(":")[2]  # TOKEN=user:password for InfluxDB 1.x
-        found = [self.token, password, influx_password, *userinfo_secrets(self.influx_url)]
+        found = [self.token, password, influx_password, *userinfo_secrets(self.influx_url), *ping_secrets(self.ping_url)]
         found += [quote(s, safe="") for s in found]
         return sorted({s for s in found if s}, key=len, reverse=True)
 
@@ -227,6 +231,10 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     url = get["CONNECTION"]
     if url:
         problems += url_problems(url)
+    if values["PING_URL"] and not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", values["PING_URL"]):
+        problems.append("PING_URL must be an http:// or https:// URL, such as https://hc-ping.com/<uuid>")
+    if values["METRICS_FILE"] and not Path(values["METRICS_FILE"]).parent.is_dir():
+        problems.append("METRICS_FILE must be a file in a folder that exists (node_exporter's textfile folder)")
     basic_auth = language == "influxql" and ":" in get["TOKEN"]  # sent base64-encoded, any character goes
     if not latin1(get["TOKEN"]) and not basic_auth:
         problems.append("TOKEN has a character that HTTP cannot send (a typographic quote or dash pasted with it?): copy the token again")
@@ -275,6 +283,8 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         query_language=language,
         retention_policy=values["INFLUX_RETENTION_POLICY"],
         retention_hours=int(numbers["INFLUX_RETENTION_HOURS"]),
+        ping_url=values["PING_URL"],
+        metrics_file=values["METRICS_FILE"],
     )
 
 
@@ -308,6 +318,14 @@ def userinfo_secrets(url: str) -> list[str]:
     userinfo = urlsplit(url).netloc.rpartition("@")[0]
     password = userinfo.partition(":")[2]
     return [s for s in (userinfo if password else "", password, unquote(password)) if s]
+
+
+def ping_secrets(url: str) -> list[str]:
+    """A ping URL's path is a credential: anyone who holds it can ping."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path.strip("/") if url else ""
+    return [s for s in (url.rstrip("/"), path) if s]
 
 
 def without_userinfo(url: str) -> str:
@@ -853,6 +871,7 @@ class FluxSource:
     """InfluxDB 2 and InfluxDB Cloud (TSM): Flux over /api/v2/query, through influxdb-client."""
 
     dialect = "flux"
+    clock_skew: float | None = None
 
     def __init__(self, settings: Settings) -> None:
         from influxdb_client import InfluxDBClient
@@ -872,7 +891,9 @@ class FluxSource:
         from urllib3.exceptions import HTTPError
 
         try:
-            return self.api.query_raw(query, org=self.settings.org).data
+            response = self.api.query_raw(query, org=self.settings.org)
+            self.clock_skew = clock_skew(response.headers.get("Date"))
+            return response.data
         except ApiException as exc:
             if exc.status == 0:  # influxdb-client's word for a TLS failure; urllib3's reason is its last line
                 last = [line.strip() for line in str(exc.reason or "").splitlines() if line.strip()][-1:]
@@ -904,6 +925,7 @@ class InfluxQLSource:
     mapping): InfluxQL over the v1 /query API, through urllib3 (installed with influxdb-client)."""
 
     dialect = "influxql"
+    clock_skew: float | None = None
 
     def __init__(self, settings: Settings) -> None:
         import urllib3
@@ -930,6 +952,7 @@ class InfluxQLSource:
             raise unreachable(self.settings, exc) from None
         if response.status != 200:
             raise status_error(response.status, response.data or response.reason, response.headers.get("Retry-After"), self.dialect)
+        self.clock_skew = clock_skew(response.headers.get("Date"))
         return response.data
 
     def read(self, body: bytes, window: Window) -> pd.DataFrame:
@@ -945,6 +968,16 @@ class InfluxQLSource:
 
     def close(self) -> None:
         self.pool.clear()
+
+
+def clock_skew(date: str | None) -> float | None:
+    """How far InfluxDB's clock (its answer's Date header) runs ahead of ours, in seconds."""
+    from email.utils import parsedate_to_datetime
+
+    try:  # the header counts whole seconds, so it reads up to a second early: round up
+        return math.ceil(parsedate_to_datetime(date).timestamp() - time.time()) if date else None
+    except (TypeError, ValueError):
+        return None
 
 
 def open_source(settings: Settings) -> FluxSource | InfluxQLSource:
@@ -2144,6 +2177,140 @@ def ago(delta: timedelta) -> str:
     return plural(count, unit)
 
 
+# -- Reporting: a dead-man's switch and a metrics file ---------------------------------------
+PING_TIMEOUT = 4.0  # seconds a try; two tries at most, so a ping never holds a run long
+
+
+def report_outcome(settings: Settings, args: argparse.Namespace, outcome: Outcome, now: datetime, seconds: float) -> None:
+    """Tell the watchers how the run went. A failure to report is one warning, never another outcome."""
+    pinged = not (args.status or args.rebuild_rollups or args.dry_run)
+    if settings.ping_url and pinged:
+        ping(settings.ping_url, outcome)
+    if settings.metrics_file:
+        write_metrics(settings, outcome, now, seconds)
+
+
+def ping(url: str, outcome: Outcome) -> None:
+    """healthchecks.io's protocol: the URL on success, URL/<exit code> on failure, the line as the body."""
+    import urllib3
+
+    target = url.rstrip("/") + ("" if outcome.code == EXIT_OK else f"/{outcome.code}")
+    pool = urllib3.PoolManager(
+        timeout=urllib3.Timeout(total=PING_TIMEOUT),
+        retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=(502, 503, 504), allowed_methods=None),
+    )
+    try:
+        response = pool.request("POST", target, body=outcome.line.encode()[:10000], headers={"Content-Type": "text/plain; charset=utf-8"})
+        if response.status >= 300:
+            log.warning("the ping to %s was refused (%d)", host_of(url), response.status)
+    except urllib3.exceptions.HTTPError as exc:
+        log.warning("could not ping %s (%s); the run's outcome stands", host_of(url), reason(exc))
+    finally:
+        pool.clear()
+
+
+def host_of(url: str) -> str:
+    """What a line may say of a ping URL: its host. The path is a credential."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or "the ping URL"
+
+
+GAUGES = {  # name: help
+    "last_run_timestamp_seconds": "When the loader's last run ended.",
+    "last_run_exit_code": "The last run's exit code: 0 success, 1 failed, 2 bad settings or arguments.",
+    "last_run_duration_seconds": "How long the last run took.",
+    "last_success_timestamp_seconds": "When the last run that exited 0 ended.",
+    "newest_hour_timestamp_seconds": "Start of the newest hour in the ledger.",
+    "newest_reading_timestamp_seconds": "Time of the table's newest row: empty hours count as loaded, so a dead oximeter shows only here.",
+    "missing_seconds": "How much is not loaded after the first loaded hour, of what InfluxDB still holds.",
+    "retention_margin_seconds": "How long until InfluxDB forgets the oldest of those unloaded hours (+Inf when none).",
+}
+ARCHIVE_GAUGES = ("newest_hour_timestamp_seconds", "newest_reading_timestamp_seconds", "missing_seconds", "retention_margin_seconds")
+METRIC_PREFIX = "health_metrics_loader_"
+
+
+def metrics_text(values: Mapping[str, float], table: str) -> str:
+    """Prometheus' text format: HELP and TYPE for each gauge, one sample, a `table` label."""
+    label = table.replace("\\", "\\\\").replace('"', '\\"')
+    lines = []
+    for name, text in GAUGES.items():
+        if name in values:
+            lines += [f"# HELP {METRIC_PREFIX}{name} {text}", f"# TYPE {METRIC_PREFIX}{name} gauge"]
+            lines.append(f'{METRIC_PREFIX}{name}{{table="{label}"}} {prometheus_number(values[name])}')
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def previous_metrics(path: Path) -> tuple[dict[str, float], str | None]:
+    """The gauges of the last metrics file, and its table label: a run that cannot read the
+    ledger keeps them."""
+    values, table = {}, None
+    with suppress(OSError, UnicodeDecodeError):
+        for line in path.read_text().splitlines():
+            found = re.fullmatch(rf'{METRIC_PREFIX}(\w+)\{{table="((?:[^"\\]|\\.)*)"\}} (\S+)', line)
+            if found:
+                values[found[1]], table = float(found[3]), found[2]
+    return values, table
+
+
+def archive_gauges(settings: Settings, now: datetime) -> tuple[dict[str, float], str]:
+    """The ledger-derived gauges, and the table as PostgreSQL resolves it."""
+    connection = connect_postgres(settings)
+    try:
+        with database_errors():
+            state = extract_state(connection, settings, now)
+            table = ledger_key(resolve_table(connection, settings.table))
+    finally:
+        connection.close()
+    gaps = gaps_at_risk(state.ledger, state.first, now, settings)
+    margins = [(gap.forgotten_at - now).total_seconds() for gap in gaps if gap.forgotten_at]
+    values = {
+        "missing_seconds": sum(gap.hours for gap in gaps) * 3600,
+        "retention_margin_seconds": max(0.0, min(margins)) if margins else math.inf,
+    }
+    if state.newest:
+        values["newest_hour_timestamp_seconds"] = max(state.newest).timestamp()
+    if state.reading:
+        values["newest_reading_timestamp_seconds"] = state.reading.timestamp()
+    return values, table
+
+
+def write_metrics(settings: Settings, outcome: Outcome, now: datetime, seconds: float) -> None:
+    """METRICS_FILE for node_exporter's textfile collector, replaced atomically: a temporary
+    file in the same folder, then a rename, so that a scrape never reads half a file."""
+    import tempfile
+
+    path = Path(settings.metrics_file)
+    before, label = previous_metrics(path)
+    ended = now.timestamp() + seconds
+    values = {"last_run_timestamp_seconds": ended, "last_run_exit_code": outcome.code, "last_run_duration_seconds": round(seconds, 3)}
+    if outcome.code == EXIT_OK:
+        values["last_success_timestamp_seconds"] = ended
+    elif "last_success_timestamp_seconds" in before:
+        values["last_success_timestamp_seconds"] = before["last_success_timestamp_seconds"]
+    try:
+        archive, label = archive_gauges(settings, now)
+    except LoaderError as exc:
+        log.warning("the metrics file keeps the archive's last known state: %s", exc)
+        archive = {name: before[name] for name in ARCHIVE_GAUGES if name in before}
+    values.update(archive)
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
+            handle.write(metrics_text(values, label or ".".join(settings.table)))
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        with suppress(OSError, NameError):
+            os.unlink(handle.name)
+        log.warning("could not write METRICS_FILE %s (%s)", path, exc.strerror or exc)
+
+
 # -- Command line ------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -2343,11 +2510,20 @@ def load_windows(
     a failure of either server stops the run.
     """
 
-    def prepare(window: Window) -> Chunk:
-        return prepare_chunk(extract_frame(source, window, retrier), window)
+    def prepare(window: Window) -> Chunk | None:
+        frame = extract_frame(source, window, retrier)
+        latest = influx_latest_hour(source, settings, now, warned)
+        if latest is not None and window.stop - HOUR > latest:  # hours that have not ended on InfluxDB's clock
+            if window.start > latest:
+                return None
+            window = Window(window.start, latest + HOUR)
+            frame = frame[frame["time"] <= latest + HOUR].reset_index(drop=True)
+        return prepare_chunk(frame, window)
 
-    def load(chunk: Chunk, started: float) -> None:
+    def load(chunk: Chunk | None, started: float) -> None:
         nonlocal asked_for_types, filled
+        if chunk is None:
+            return
         if not filled and chunk.frame.empty and plan.write:
             unfilled.append(chunk)  # a misspelt measurement must not mark the catch-up as done
             return
@@ -2374,6 +2550,7 @@ def load_windows(
             load(chunk, time.monotonic())
 
     loaded: list[Loaded] = []
+    warned: list[bool] = []
     unfilled: list[Chunk] = []
     frozen_before = settings.frozen_before(now)
     asked_for_types = False
@@ -2410,6 +2587,25 @@ def load_windows(
 
 
 FIELDS_RECHECK = timedelta(days=1)
+
+
+def influx_latest_hour(source: FluxSource | InfluxQLSource, settings: Settings, now: datetime, warned: list[bool]) -> datetime | None:
+    """The latest complete hour by InfluxDB's clock, when ours runs ahead of it by more than
+    SETTLE_MINUTES (a Raspberry Pi without a real-time clock after a power cut): an hour that
+    has not ended there may still gain points. A clock behind InfluxDB's only delays loading."""
+    skew = source.clock_skew
+    if skew is None or abs(skew) <= settings.settle.total_seconds():
+        return None
+    theirs = now + timedelta(seconds=skew)
+    if not warned:
+        warned.append(True)
+        log.warning(
+            "this machine's clock says %s, InfluxDB's says %s: %s",
+            iso(now),
+            iso(theirs),
+            "hours are taken as complete by InfluxDB's clock" if skew < 0 else "the later one only delays loading",
+        )
+    return latest_complete_hour(theirs, settings.settle) if skew < 0 else None
 
 
 def warn_of_skipped_fields(
@@ -2678,11 +2874,49 @@ def plan_from_args(args: argparse.Namespace, now: datetime, settings: Settings) 
     return Plan(requested_hours(args, now, settings), mode, args.replace)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a run came to: its exit code and the one line that says so."""
+
+    code: int
+    line: str
+
+
+def carry_out(args: argparse.Namespace, settings: Settings, now: datetime) -> Outcome:
+    """Do what the arguments ask; every expected failure becomes an Outcome, printed as one line."""
+    secrets = settings.secrets()
+    try:
+        if args.status:
+            return Outcome(show_status(settings, now, args.days), "status shown")
+        if args.rebuild_rollups:
+            return Outcome(rebuild_rollups_of(settings), "rollups rebuilt")
+        plan = plan_from_args(args, now, settings)
+        loaded = run(settings, plan, args.dry_run, now)
+        if plan.mode != "load":
+            text, code = summary(loaded, plan)
+            print(Redactor(secrets).redact(text))
+            return Outcome(code, text)
+        return Outcome(EXIT_OK, load_summary(loaded))
+    except LoaderError as exc:
+        kind = "error: " if exc.exit_code else ""
+        lines = Redactor(secrets).redact(str(exc)).splitlines()
+        for line in lines:
+            print(f"health_metrics_loader: {kind}{line}", file=sys.stderr)
+        return Outcome(exc.exit_code, "; ".join(lines))
+
+
+def load_summary(loaded: Sequence[Loaded]) -> str:
+    rows = sum(chunk.rows for chunk in loaded)
+    hours = sum(len(chunk.checks) for chunk in loaded)
+    rewritten = sum(len(chunk.rewritten) for chunk in loaded)
+    return f"loaded {plural(rows, 'row')}: {plural(hours, 'hour')} compared, {rewritten} rewritten" if loaded else "nothing to load"
+
+
 def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
     """Run the loader; `now` is for tests and schedulers that pass their own clock."""
     args = parse_args(argv)
+    started = time.monotonic()
     now = now or datetime.now(timezone.utc)
-    env_files: list[Path] = []
     secrets: list[str] = []
     try:
         env_files = env_file_paths(os.environ)
@@ -2692,22 +2926,13 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
         configure_logging(args, secrets)
         for warning in loosely_readable(env_files):
             log.warning(warning)
-        if args.status:
-            return show_status(settings, now, args.days)
-        if args.rebuild_rollups:
-            return rebuild_rollups_of(settings)
-        plan = plan_from_args(args, now, settings)
-        loaded = run(settings, plan, args.dry_run, now)
-        if plan.mode != "load":
-            text, code = summary(loaded, plan)
-            print(Redactor(secrets).redact(text))
-            return code
     except LoaderError as exc:
-        kind = "error: " if exc.exit_code else ""
         for line in Redactor(secrets).redact(str(exc)).splitlines():
-            print(f"health_metrics_loader: {kind}{line}", file=sys.stderr)
+            print(f"health_metrics_loader: error: {line}", file=sys.stderr)
         return exc.exit_code
-    return EXIT_OK
+    outcome = carry_out(args, settings, now)
+    report_outcome(settings, args, outcome, now, time.monotonic() - started)
+    return outcome.code
 
 
 if __name__ == "__main__":

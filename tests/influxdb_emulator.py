@@ -116,6 +116,7 @@ class Emulator:
     now: Callable[[], int] = field(default=lambda: time.time_ns())
     org_id: str = "04014de4ed590000"
     v1_users: dict[str, str] | None = None
+    clock_offset: float = 0.0  # seconds the Date header runs ahead of the real clock
 
     def __post_init__(self) -> None:
         self.storage = Storage(self.buckets)
@@ -139,6 +140,7 @@ class Emulator:
             self.storage = Storage(self.buckets)
             self.faults.clear()
             self.queries.clear()
+            self.clock_offset = 0.0
             self.cache.clear()
 
     def write_lines(self, bucket: str, text: str, precision: str = "ns") -> None:
@@ -230,6 +232,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet, like a test server should be
         pass
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, from a clock that `Emulator.clock_offset` may move (a server whose clock differs)."""
+        return super().date_time_string((timestamp or time.time()) + self.emulator.clock_offset)
 
     def version_headers(self) -> None:
         self.send_header("X-Influxdb-Build", "OSS")

@@ -116,7 +116,7 @@ def test_the_minutes_come_from_the_raw_rows_and_each_coarser_grain_from_the_one_
     assert hml.refresh_sql(TABLE, ["spo2"], "_1m") == (
         'DELETE FROM "public"."pox_five_second_mean_1m" WHERE bucket >= %(start)s AND bucket <= %(stop)s;'
         ' INSERT INTO "public"."pox_five_second_mean_1m" (bucket, rows, "spo2_n", "spo2_sum", "spo2_min", "spo2_max")'
-        " SELECT date_trunc('minute', r.time::timestamptz), count(*), count(r.\"spo2\"), sum(r.\"spo2\"), min(r.\"spo2\"), max(r.\"spo2\")"
+        ' SELECT date_trunc(\'minute\', r.time::timestamptz), count(*), count(r."spo2"), sum(r."spo2"), min(r."spo2"), max(r."spo2")'
         ' FROM "public"."pox_five_second_mean" r WHERE r.time >= %(start)s'
         " AND r.time < %(stop)s::timestamptz + interval '60 seconds' GROUP BY 1"
     )
