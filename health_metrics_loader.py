@@ -1027,6 +1027,7 @@ class Retrier:
     max_tries: int = 10
     spent: float = 0.0
     stopped: threading.Event = field(default_factory=threading.Event)
+    speaking: threading.Lock = field(default_factory=threading.Lock)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -1034,7 +1035,10 @@ class Retrier:
         return max(self.floor, min(self.cap, self.base * 2**attempt) * (0.5 + self.jitter() / 2))
 
     def stop(self) -> None:
-        self.stopped.set()
+        """End a pending wait. Once this returns, no retry of this run logs another word: a
+        scheduler (or a test) that goes on must not hear from a run that has ended."""
+        with self.speaking:
+            self.stopped.set()
 
     def call(self, action: Callable[[], T]) -> T:
         attempt = 0
@@ -1054,7 +1058,10 @@ class Retrier:
                 if attempt + 1 >= self.max_tries:
                     raise SourceError(f"{exc}; gave up after {tries}") from None
                 attempt += 1
-                log.warning("%s; retry %d in %.1fs", exc, attempt, delay)
+                with self.speaking:
+                    if self.stopped.is_set():
+                        raise SourceError(f"{exc}; the run ended before a retry") from None
+                    log.warning("%s; retry %d in %.1fs", exc, attempt, delay)
                 (self.sleep or self.stopped.wait)(delay)
                 self.spent += delay
                 if self.stopped.is_set():
@@ -1584,6 +1591,20 @@ def acquire_lock(connection, table: tuple[str, ...], wait: float | None) -> None
                 connection.rollback()
                 raise DatabaseError(f"another run kept {name} locked for over {wait:g}s (LOCK_TIMEOUT); try again later") from None
     connection.commit()
+
+
+def release_lock(connection) -> None:
+    """Let go of the table's lock before closing: the server frees a closed session's locks a
+    moment later, and a run that starts in that moment would step aside for nobody."""
+    import psycopg2
+
+    if connection.closed:
+        return
+    with suppress(psycopg2.Error):
+        connection.rollback()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock_all()")
+        connection.commit()
 
 
 def is_numeric_column(kind: str) -> bool:
@@ -2512,7 +2533,7 @@ def load_windows(
 
     def prepare(window: Window) -> Chunk | None:
         frame = extract_frame(source, window, retrier)
-        latest = influx_latest_hour(source, settings, now, warned)
+        latest = influx_latest_hour(source, settings, now, clock_notes)
         if latest is not None and window.stop - HOUR > latest:  # hours that have not ended on InfluxDB's clock
             if window.start > latest:
                 return None
@@ -2522,6 +2543,9 @@ def load_windows(
 
     def load(chunk: Chunk | None, started: float) -> None:
         nonlocal asked_for_types, filled
+        if clock_notes and not clock_said:  # said here, not on the fetching thread, which may outlive a failed run
+            clock_said.append(True)
+            log.warning(clock_notes[0])
         if chunk is None:
             return
         if not filled and chunk.frame.empty and plan.write:
@@ -2550,7 +2574,8 @@ def load_windows(
             load(chunk, time.monotonic())
 
     loaded: list[Loaded] = []
-    warned: list[bool] = []
+    clock_notes: list[str] = []
+    clock_said: list[bool] = []
     unfilled: list[Chunk] = []
     frozen_before = settings.frozen_before(now)
     asked_for_types = False
@@ -2589,22 +2614,17 @@ def load_windows(
 FIELDS_RECHECK = timedelta(days=1)
 
 
-def influx_latest_hour(source: FluxSource | InfluxQLSource, settings: Settings, now: datetime, warned: list[bool]) -> datetime | None:
+def influx_latest_hour(source: FluxSource | InfluxQLSource, settings: Settings, now: datetime, notes: list[str]) -> datetime | None:
     """The latest complete hour by InfluxDB's clock, when ours runs ahead of it by more than
     SETTLE_MINUTES (a Raspberry Pi without a real-time clock after a power cut): an hour that
-    has not ended there may still gain points. A clock behind InfluxDB's only delays loading."""
+    has not ended there may still gain points. A clock behind InfluxDB's only delays loading.
+    Appends to `notes` the line to warn with."""
     skew = source.clock_skew
     if skew is None or abs(skew) <= settings.settle.total_seconds():
         return None
     theirs = now + timedelta(seconds=skew)
-    if not warned:
-        warned.append(True)
-        log.warning(
-            "this machine's clock says %s, InfluxDB's says %s: %s",
-            iso(now),
-            iso(theirs),
-            "hours are taken as complete by InfluxDB's clock" if skew < 0 else "the later one only delays loading",
-        )
+    outcome = "hours are taken as complete by InfluxDB's clock" if skew < 0 else "the later one only delays loading"
+    notes.append(f"this machine's clock says {iso(now)}, InfluxDB's says {iso(theirs)}: {outcome}")
     return latest_complete_hour(theirs, settings.settle) if skew < 0 else None
 
 
@@ -2730,6 +2750,7 @@ def run(
     finally:
         source.close()
         if connection is not None:
+            release_lock(connection)
             connection.close()
 
 

@@ -20,7 +20,7 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
-from tests.pg_server import free_port
+from tests.pg_server import free_port, watch_over
 
 CONFIG = """\
 reporting-disabled = true
@@ -81,6 +81,8 @@ class ThrowawayInfluxd:
         )
         log = open(self.dir / "influxd.log", "wb")
         self.process = subprocess.Popen([find_influxd(), "run", "-config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
+        pid = self.process.pid  # killed only if it is still this influxd, not a process that took its number
+        watch_over(f"grep -q influxd /proc/{pid}/cmdline 2>/dev/null && kill {pid}; rm -rf {self.dir}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -32,6 +32,15 @@ def find_bin(name: str) -> str:
     return candidates[0]
 
 
+def watch_over(cleanup: str) -> None:
+    """Run the shell command `cleanup` once this process is gone, however it ends: a run killed
+    outright (a hung suite, Ctrl-C twice) must not leave its servers behind."""
+    subprocess.Popen(
+        ["sh", "-c", f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; {cleanup}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -68,6 +77,8 @@ class ThrowawayPostgres:
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         self.run(find_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o", options, "start")
+        stop = f"{find_bin('pg_ctl')} -D {self.data} -m immediate -w stop"
+        watch_over(f"{'runuser -u postgres -- ' if self.as_root else ''}{stop}; rm -rf {self.dir}")
         return self
 
     @property
