@@ -113,8 +113,8 @@ class DatabaseError(LoaderError):
 # -- Settings --------------------------------------------------------------------------
 REQUIRED = {
     "CONNECTION": "the InfluxDB URL",
-    "TOKEN": "an InfluxDB API token",
-    "ORG": "the InfluxDB organization",
+    "TOKEN": "an InfluxDB API token; not needed with INFLUX_QUERY_LANGUAGE=influxql",
+    "ORG": "the InfluxDB organization; not needed with INFLUX_QUERY_LANGUAGE=influxql",
     "PG_CONNECT": "the PostgreSQL URL",
 }
 NOT_FOR_INFLUXQL = ("TOKEN", "ORG")  # a 1.x server may run without authentication; /query takes no org
@@ -221,7 +221,8 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     get = {k: environ.get(k, "").strip() for k in [*REQUIRED, *DEFAULTS]}
     values = {k: get[k] or default for k, default in DEFAULTS.items()}
     language = values["INFLUX_QUERY_LANGUAGE"].lower()
-    required = {k: what for k, what in REQUIRED.items() if not (language == "influxql" and k in NOT_FOR_INFLUXQL)}
+    # TOKEN and ORG depend on the language: with influxql (or an unknown one) they are not asked for
+    required = {k: what for k, what in REQUIRED.items() if not (language != "flux" and k in NOT_FOR_INFLUXQL)}
     problems = [f"{k} is not set ({what})" for k, what in required.items() if not get[k]]
     if language not in QUERY_LANGUAGES:
         problems.append(
@@ -255,16 +256,15 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     if len(table) > 2 or not all(IDENTIFIER.fullmatch(part) for part in table):
         problems.append("PG_TABLE must be a table name or schema.table (letters, digits, _)")
     numbers = {name: number(values[name]) for name in NUMBER_RULES}
-    for name, (fits, what) in NUMBER_RULES.items():
-        if numbers[name] is None or not fits(numbers[name]):
-            problems.append(f"{name} must be {what}")
-    if numbers["CATCH_UP_HOURS"] and not get["RECHECK_HOURS"]:  # the default never exceeds a short catch-up span
-        numbers["RECHECK_HOURS"] = min(numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"])
-    if None not in (numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"]) and numbers["RECHECK_HOURS"] > numbers["CATCH_UP_HOURS"]:
-        problems.append("RECHECK_HOURS must be a whole number from 0 to CATCH_UP_HOURS")
+    wrong = {name for name, (fits, _) in NUMBER_RULES.items() if numbers[name] is None or not fits(numbers[name])}
+    problems += [f"{name} must be {what}" for name, (_, what) in NUMBER_RULES.items() if name in wrong]
+    if not wrong & {"CATCH_UP_HOURS", "RECHECK_HOURS"}:  # the one against the other, once each is right on its own
+        if not get["RECHECK_HOURS"]:  # the default never exceeds a short catch-up span
+            numbers["RECHECK_HOURS"] = min(numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"])
+        if numbers["RECHECK_HOURS"] > numbers["CATCH_UP_HOURS"]:
+            problems.append("RECHECK_HOURS must be a whole number from 0 to CATCH_UP_HOURS")
     if problems:
-        hint = " (copy .env.example to .env and fill it in)" if any("is not set" in p for p in problems) else ""
-        raise ConfigError("; ".join(problems) + hint)
+        raise ConfigError("; ".join(problems))
     return Settings(
         influx_url=url.rstrip("/"),
         token=get["TOKEN"],
@@ -592,12 +592,22 @@ def frame_from_block(block: Block) -> pd.DataFrame:
         dtype={"_time": str, **{f: "float64" for f in fields}},
         keep_default_na=False,
         na_values={f: ["", "NaN"] for f in fields},
+        **exact_floats(),
     )
     try:
         frame["_time"] = pd.to_datetime(frame["_time"], format="ISO8601", utc=True)
     except (ValueError, TypeError):
         raise SourceError("InfluxDB sent a _time value that is not an RFC3339 time") from None
     return frame
+
+
+def exact_floats() -> dict[str, str]:
+    """read_csv's option for exactly rounded floats: pandas before 3 reads some 17-digit values
+    one ulp off by default (and Flux's CSV would then differ from InfluxQL's JSON); pandas 3
+    reads them exactly and deprecates the option."""
+    import pandas as pd
+
+    return {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
 
 
 def read_answer(body: bytes) -> pd.DataFrame:
@@ -1080,7 +1090,12 @@ SOURCE_ERRORS = {  # status: (what happened, what to check with Flux, with Influ
         ": check INFLUX_MEASUREMENT and AGGREGATE_EVERY",
     ),
     401: ("InfluxDB refused the token", ": check TOKEN in .env", ": check TOKEN in .env (an API token, or user:password for InfluxDB 1.x)"),
-    403: ("InfluxDB denied access", ": check that TOKEN may read INFLUX_BUCKET", ": check that TOKEN may read the database INFLUX_BUCKET"),
+    403: (
+        "InfluxDB denied access",
+        ": check that TOKEN may read INFLUX_BUCKET",
+        # InfluxDB 1.x answers an unknown database with 403 to a user who is not an admin
+        ": check that the database INFLUX_BUCKET exists and that TOKEN may read it",
+    ),
     404: ("InfluxDB found no such bucket or organization", ": check INFLUX_BUCKET and ORG", ": check CONNECTION (no /query there)"),
     429: ("InfluxDB is rate-limiting this organization", "", ""),
 }
@@ -1575,15 +1590,14 @@ def acquire_lock(connection, table: tuple[str, ...], wait: float | None) -> None
     key = f"health_metrics_loader:{ledger_key(table)}"
     name = ledger_key(table)
     with connection.cursor() as cursor:
-        if not wait:
-            cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
-            if not cursor.fetchone()[0]:
+        cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+        if not cursor.fetchone()[0]:
+            if not wait:
                 connection.rollback()
                 if wait is None:
                     raise LockBusy(f"another run is loading {name}; it will catch up, so this one stops here")
                 raise DatabaseError(f"another run is loading {name}, and LOCK_TIMEOUT is 0; try again later")
-        else:
-            log.debug("waiting up to %gs for the lock on %s", wait, name)
+            log.info("another run is loading %s; waiting up to %gs for it (LOCK_TIMEOUT)", name, wait)  # not a silent hang
             cursor.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(wait * 1000)}ms",))
             try:
                 cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
@@ -1626,7 +1640,15 @@ def extract_stored(cursor, table: tuple[str, ...], columns: Mapping[str, str], w
     cursor.copy_expert(query.decode(), out)
     types = {"time": "int64", **dict.fromkeys(fields, "float64")}
     if out.tell():
-        frame = pd.read_csv(io.BytesIO(out.getvalue()), header=None, names=list(types), dtype=types, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(
+            io.BytesIO(out.getvalue()),
+            header=None,
+            names=list(types),
+            dtype=types,
+            keep_default_na=False,
+            na_values=[""],
+            **exact_floats(),
+        )
     else:
         frame = pd.DataFrame({name: pd.Series([], dtype=kind) for name, kind in types.items()})
     frame["time"] = pd.to_datetime(frame["time"], unit="us", utc=True)
@@ -2333,8 +2355,15 @@ def write_metrics(settings: Settings, outcome: Outcome, now: datetime, seconds: 
 
 
 # -- Command line ------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument error is one line like every other error (argparse would print its usage too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{message} (see --help)")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="health_metrics_loader.py",
         description="Copy 5-second means of pulse-oximeter readings from InfluxDB into PostgreSQL. "
         "With no arguments (the cron call), load every complete UTC hour of the last CATCH_UP_HOURS "
@@ -2361,7 +2390,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="rebuild the minute and hour rollups from every row (after editing the table by hand)",
     )
     parser.add_argument("--replace", action="store_true", help="make the hours exactly InfluxDB's answer, dropping rows it no longer has")
-    parser.add_argument("--days", type=int, default=7, metavar="N", help="days that --status shows (default 7)")
+    parser.add_argument("--days", type=int, metavar="N", help="days that --status shows (default 7)")
     parser.add_argument("--dry-run", action="store_true", help="query and report; write nothing")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -2369,6 +2398,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.start is None) != (args.stop is None):
         parser.error("--from and --to go together")
+    if args.days is not None and not args.status:
+        parser.error("--days goes with --status")
+    args.days = 7 if args.days is None else args.days
     if not 1 <= args.days <= 366:
         parser.error("--days must be from 1 to 366")
     if (args.status or args.rebuild_rollups) and (args.hour or args.start or args.replace or args.dry_run):
@@ -2496,6 +2528,9 @@ def catch_up_windows(connection, settings: Settings, table: tuple[str, ...], now
     return chunked([*missing, *recent])
 
 
+PREFETCH_THREAD = "health_metrics_loader prefetch"
+
+
 def in_background(action: Callable[..., T], *args) -> Future:
     """Run `action` on a daemon thread: a run that fails must not wait for it to finish."""
     from concurrent.futures import Future
@@ -2508,7 +2543,7 @@ def in_background(action: Callable[..., T], *args) -> Future:
         except BaseException as exc:
             future.set_exception(exc)
 
-    threading.Thread(target=work, daemon=True).start()
+    threading.Thread(target=work, name=PREFETCH_THREAD, daemon=True).start()
     return future
 
 
@@ -2668,7 +2703,9 @@ def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> N
     if plan.write:
         unchanged = sum(1 for hour, check in loaded.checks.items() if check.stored and hour not in loaded.rewritten)
         extra = f" ({plural(unchanged, 'hour')} already up to date)" if unchanged else ""
-        log.info("loaded %s: %d rows in %.2fs%s", window, loaded.rows, seconds, extra)
+        # The daily repair reads a month: a window it left as it was is worth no line in the log.
+        quiet = plan.mode == "repair" and not loaded.rewritten
+        log.log(logging.DEBUG if quiet else logging.INFO, "loaded %s: %s in %.2fs%s", window, plural(loaded.rows, "row"), seconds, extra)
     outcome = {"verify": "", "repair": " (reloaded)", "preview": " (would reload)"}.get(plan.mode)
     for hour, check in loaded.checks.items():
         if outcome is not None and (check.differs or check.left or check.conflicting):
@@ -2676,6 +2713,8 @@ def report_load(window: Window, loaded: Loaded, plan: Plan, seconds: float) -> N
             twice = f", stored twice {check.copies}" if check.copies else ""
             twice += f", conflicting {check.conflicting}" if check.conflicting else ""
             print(f"{iso(hour)}  missing {check.missing}, changed {check.changed}, kept {check.left}{twice}{done}")
+        if plan.write and check.kept and plan.replace and hour in loaded.rewritten:
+            log.info("%s: dropped %s that InfluxDB no longer has (--replace)", iso(hour), plural(check.kept, "stored row"))
         if plan.write and check.kept and not plan.replace:
             log.warning(
                 "InfluxDB no longer has %d of the %d rows stored for %s; kept them (--hour %s --replace drops them)",
@@ -2711,7 +2750,7 @@ def summary(loaded: Sequence[Loaded], plan: Plan) -> tuple[str, int]:
         text += f", {sum(c.copies for c in checks)} stored twice, {sum(c.conflicting for c in checks)} conflicting"
     if plan.mode == "repair":
         text += f"; reloaded {plural(sum(len(chunk.rewritten) for chunk in loaded), 'hour')}"
-    return text, EXIT_FAILED if plan.mode == "verify" and differing else EXIT_OK
+    return text, EXIT_FAILED if plan.mode in ("verify", "preview") and differing else EXIT_OK
 
 
 def run(
@@ -2935,11 +2974,12 @@ def load_summary(loaded: Sequence[Loaded]) -> str:
 
 def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
     """Run the loader; `now` is for tests and schedulers that pass their own clock."""
-    args = parse_args(argv)
     started = time.monotonic()
     now = now or datetime.now(timezone.utc)
     secrets: list[str] = []
+    env_files: list[Path] = []
     try:
+        args = parse_args(argv)
         env_files = env_file_paths(os.environ)
         environ = {**read_env_files(env_files), **os.environ}
         settings = settings_from_env(environ)
@@ -2948,7 +2988,10 @@ def main(argv: Sequence[str] | None = None, now: datetime | None = None) -> int:
         for warning in loosely_readable(env_files):
             log.warning(warning)
     except LoaderError as exc:
-        for line in Redactor(secrets).redact(str(exc)).splitlines():
+        text = str(exc)
+        if "is not set" in text and not any(path.is_file() for path in env_files):
+            text += " (copy .env.example to .env and fill it in)"
+        for line in Redactor(secrets).redact(text).splitlines():
             print(f"health_metrics_loader: error: {line}", file=sys.stderr)
         return exc.exit_code
     outcome = carry_out(args, settings, now)

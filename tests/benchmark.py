@@ -18,6 +18,8 @@ Measured:
   looping over all hours in one process (generous to it: imports paid once), and once
   as cron runs the blog's script, a process per hour (--blog-processes hours of it,
   scaled to the whole span);
+- the read side (tests/benchmark_read.py): Grafana's panels over a year of rows, from the
+  raw table and from the panel functions, the first run's rollup build, and their upkeep;
 - the floor: the bare import of the dependencies, pandas.read_csv of the same
   annotated-CSV bytes (for InfluxQL: json.loads of the same JSON), and COPY ... FROM
   STDIN of the same rows.
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each loader measurement (the median is shown)")
     parser.add_argument("--skip-blog", action="store_true", help="leave out the blog's pipeline (slow)")
     parser.add_argument("--blog-processes", type=int, default=24, metavar="N", help="hours to time as one blog process each (default 24)")
+    parser.add_argument("--read-years", type=int, default=1, metavar="N", help="years of rows for the read side (0 leaves it out)")
     args = parser.parse_args(argv)
 
     now = datetime.now(timezone.utc)
@@ -344,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if real_row in results:
         print(f"influxd's own time for the {args.days} day queries, asked one after another: {server_time:.2f}s")
         print(f"{real_row} / (InfluxQL floor + influxd's own time): {results[real_row][0] / (ql_floor + server_time):.2f}x")
+    if args.read_years:
+        from tests import benchmark_read
+
+        print("\nThe read side: Grafana's panels over the archive", flush=True)
+        benchmark_read.main(["--years", str(args.read_years)])
     return 0
 
 

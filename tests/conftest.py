@@ -21,6 +21,20 @@ TOKEN = "influx-test-token-9d2c"
 ORG = "test-org"
 
 
+@pytest.fixture(autouse=True)
+def no_stray_prefetch():
+    """A failed run leaves its next fetch behind to end on its own; wait for it here, so that
+    no test hears what another test's run did."""
+    import threading
+
+    import health_metrics_loader as hml
+
+    yield
+    for thread in threading.enumerate():
+        if thread.name == hml.PREFETCH_THREAD:
+            thread.join(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url():
     """A PostgreSQL URL whose user may create databases."""
