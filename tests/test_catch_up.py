@@ -227,7 +227,7 @@ def test_three_loaders_at_once_meet_at_the_lock_and_leave_one_copy(span12, influ
     cron = start_loader(now)
     results = [(p.wait(timeout=120), p.stderr.read()) for p in (first, second, cron)]
     assert [code for code, _ in results] == [0, 0, 0], results
-    assert "waiting up to 300s for the lock on public.pox_five_second_mean" in results[1][1]
+    assert "INFO another run is loading public.pox_five_second_mean; waiting up to 300s for it (LOCK_TIMEOUT)\n" in results[1][1]
     assert results[2][1].strip().endswith("another run is loading public.pox_five_second_mean; it will catch up, so this one stops here")
     with psycopg2.connect(span12["PG_CONNECT"]) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*), count(DISTINCT time) FROM pox_five_second_mean")
