@@ -2568,13 +2568,7 @@ def load_windows(
 
     def prepare(window: Window) -> Chunk | None:
         frame = extract_frame(source, window, retrier)
-        latest = influx_latest_hour(source, settings, now, clock_notes)
-        if latest is not None and window.stop - HOUR > latest:  # hours that have not ended on InfluxDB's clock
-            if window.start > latest:
-                return None
-            window = Window(window.start, latest + HOUR)
-            frame = frame[frame["time"] <= latest + HOUR].reset_index(drop=True)
-        return prepare_chunk(frame, window)
+        return until_hour(prepare_chunk(frame, window), influx_latest_hour(source, settings, now, clock_notes))
 
     def load(chunk: Chunk | None, started: float) -> None:
         nonlocal asked_for_types, filled
@@ -2633,20 +2627,34 @@ def load_windows(
         retrier.stop()  # a pending fetch gives up instead of holding the run
         raise
     if unfilled:
-        log.warning(
-            "InfluxDB has no readings of measurement %r in bucket %r for %s, and %s holds none yet: "
-            "check INFLUX_MEASUREMENT and INFLUX_BUCKET; these hours are not recorded, so the next run asks again",
-            settings.measurement,
-            settings.bucket,
-            ", ".join(f"{iso(first)}..{iso(last + HOUR)}" for first, last in runs([h for c in unfilled for h in c.window.hours()])),
-            ".".join(table),
-        )
+        warn_of_nothing_found(settings, table, [hour for chunk in unfilled for hour in chunk.window.hours()])
     if failures:
         raise HoursFailed(failures)
     return loaded
 
 
 FIELDS_RECHECK = timedelta(days=1)
+
+
+def until_hour(chunk: Chunk, latest: datetime | None) -> Chunk | None:
+    """The chunk without the hours after `latest` (None: all of it); None if nothing is left."""
+    if latest is None or chunk.window.stop - HOUR <= latest:
+        return chunk
+    if chunk.window.start > latest:
+        return None
+    frame = chunk.frame[chunk.frame["time"] <= latest + HOUR].reset_index(drop=True)
+    return prepare_chunk(frame, Window(chunk.window.start, latest + HOUR))
+
+
+def warn_of_nothing_found(settings: Settings, table: tuple[str, ...], hours: Sequence[datetime]) -> None:
+    log.warning(
+        "InfluxDB has no readings of measurement %r in bucket %r for %s, and %s holds none yet: "
+        "check INFLUX_MEASUREMENT and INFLUX_BUCKET; these hours are not recorded, so the next run asks again",
+        settings.measurement,
+        settings.bucket,
+        ", ".join(f"{iso(first)}..{iso(last + HOUR)}" for first, last in runs(hours)),
+        ".".join(table),
+    )
 
 
 def influx_latest_hour(source: FluxSource | InfluxQLSource, settings: Settings, now: datetime, notes: list[str]) -> datetime | None:

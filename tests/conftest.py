@@ -159,6 +159,32 @@ def influxd(influxd_server):
     influxd_server.drop_database("pulse_oximeter")
 
 
+def ledger(url: str) -> dict:
+    """hour -> rows recorded for the default table; empty if there is no ledger yet."""
+    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('loaded_hours') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return {}
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'public.pox_five_second_mean' ORDER BY hour")
+        return dict(cursor.fetchall())
+
+
+def run_loader(capsys, argv, now: datetime) -> tuple[int, str, str]:
+    """main([...]) on a fixed clock: the exit code, stdout and stderr; never a traceback."""
+    import health_metrics_loader as hml
+
+    code = hml.main(list(argv), now=now)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """The loader's own lines on stderr: errors, and the note of a cron call that steps aside."""
+    return [line for line in err.splitlines() if line.startswith("health_metrics_loader: ")]
+
+
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=timezone.utc)
 

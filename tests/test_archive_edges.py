@@ -11,11 +11,11 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import TOKEN, utc
+from tests.conftest import TOKEN, error_lines, run_loader, utc
 from tests.influxdb_emulator import Fault
 from tests.synthetic import expected_rows, line_protocol
-from tests.test_catch_up import start_loader
-from tests.test_main import ledger_rows, recorded_tables
+from tests.test_catch_up import ledger, start_loader
+from tests.test_main import recorded_tables
 
 H10 = utc(2021, 7, 12, 10)
 CUT = H10 + timedelta(minutes=30, seconds=2)  # inside the window 10:30:00..10:30:05, stamped 10:30:05
@@ -23,14 +23,7 @@ STRADDLING = H10 + timedelta(minutes=30, seconds=5)
 
 
 def call(capsys, argv=(), now=H10 + timedelta(hours=1, minutes=5)):
-    code = hml.main(list(argv), now=now)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("health_metrics_loader: ")]
+    return run_loader(capsys, argv, now)
 
 
 def rows(url: str, where: str = "true", table: str = "pox_five_second_mean") -> list[tuple]:
@@ -69,7 +62,7 @@ def test_the_window_that_straddles_the_retention_cut_keeps_its_stored_mean(cut_h
         assert code == 0, err
         assert rows(cut_hour["PG_CONNECT"]) == whole  # the full 5-reading mean at 10:30:05 stays
     assert out == "" and "1 hour already up to date" in err
-    assert ledger_rows(cut_hour["PG_CONNECT"]) == {H10: 720}
+    assert ledger(cut_hour["PG_CONNECT"]) == {H10: 720}
 
 
 def test_without_a_retention_the_straddling_window_counts_as_changed(cut_hour, capsys, monkeypatch):
@@ -104,7 +97,7 @@ def test_another_aggregate_every_on_a_filled_table_is_refused_before_any_query(l
         "set AGGREGATE_EVERY=5s again, or set PG_TABLE to another table for 1m means"
     ]
     assert influx.queries == []
-    assert ledger_rows(loader_env["PG_CONNECT"]) == {H10: 720} and len(rows(loader_env["PG_CONNECT"])) == 720
+    assert ledger(loader_env["PG_CONNECT"]) == {H10: 720} and len(rows(loader_env["PG_CONNECT"])) == 720
     monkeypatch.setenv("AGGREGATE_EVERY", "5000ms")  # the same window, spelt otherwise
     assert call(capsys, ["--hour", "2021-07-12T11"], now=H10 + timedelta(hours=2, minutes=5))[0] == 0
 
@@ -174,7 +167,7 @@ def test_the_first_run_drops_identical_copies_and_names_conflicting_ones(loader_
     ) in err
     assert len(rows(loader_env["PG_CONNECT"], "time <= '2021-07-12 11:00'")) == 720
     assert len(rows(loader_env["PG_CONNECT"], "time > '2021-07-12 11:00' AND time <= '2021-07-12 12:00'")) == 721
-    assert ledger_rows(loader_env["PG_CONNECT"]) == {H10: 720, H10 + timedelta(hours=1): 721, H10 + timedelta(hours=2): 720}
+    assert ledger(loader_env["PG_CONNECT"]) == {H10: 720, H10 + timedelta(hours=1): 721, H10 + timedelta(hours=2): 720}
     assert out.splitlines()[-1].endswith("; reloaded 1 hour")  # hour 12, which was missing
     code, out, _ = call(capsys, ["--verify", "--from", "2021-07-12T10", "--to", "2021-07-12T13"], now=utc(2021, 7, 12, 13, 5))
     assert code == 1  # two values for one time: the archive contradicts itself until someone decides
@@ -237,7 +230,7 @@ def test_a_table_locked_by_another_session_fails_the_run_and_names_the_lock(load
         f"(session {pid}, migration, holds AccessExclusiveLock); nothing was written, and the next run tries again"
     ]
     assert call(capsys, now=H10 + timedelta(hours=2, minutes=5))[0] == 0  # the next cron call catches up
-    assert {hour: n for hour, n in ledger_rows(loader_env["PG_CONNECT"]).items() if n} == {H10: 720, H10 + timedelta(hours=1): 720}
+    assert {hour: n for hour, n in ledger(loader_env["PG_CONNECT"]).items() if n} == {H10: 720, H10 + timedelta(hours=1): 720}
 
 
 def test_sessions_carry_a_lock_and_a_statement_timeout_unless_the_url_sets_them(fresh_db):

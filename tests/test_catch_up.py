@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT, utc
+from tests.conftest import ROOT, ledger, utc
 from tests.influxdb_emulator import Fault
 from tests.synthetic import expected_rows, line_protocol
 from tests.test_main import assert_rows, stored
@@ -22,17 +22,6 @@ DAY0 = utc(2021, 7, 12)
 
 def seed(influx, start, hours):
     influx.write_lines("pulse_oximeter", line_protocol(start, hours), precision="s")
-
-
-def ledger(url: str) -> dict:
-    """hour -> rows recorded for the default table; empty if there is no ledger yet."""
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('loaded_hours') IS NOT NULL")
-        if not cursor.fetchone()[0]:
-            return {}
-        cursor.execute("SET TIME ZONE 'UTC'")
-        cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'public.pox_five_second_mean' ORDER BY hour")
-        return dict(cursor.fetchall())
 
 
 def cron(capsys, now):
@@ -174,9 +163,13 @@ def test_explicit_load_waits_then_gives_up(span12, influx, held_lock, capsys, mo
     code = hml.main(["--hour", "2021-07-12T10"], now=DAY0 + timedelta(hours=12))
     waited = time.monotonic() - started
     assert code == 1
-    assert capsys.readouterr().err == (
-        "health_metrics_loader: error: another run kept public.pox_five_second_mean locked for over 1.5s (LOCK_TIMEOUT); try again later\n"
-    )
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines[:1]] == [  # after the timestamp: a wait said out loud, then the error
+        "INFO another run is loading public.pox_five_second_mean; waiting up to 1.5s for it (LOCK_TIMEOUT)"
+    ]
+    assert lines[1:] == [
+        "health_metrics_loader: error: another run kept public.pox_five_second_mean locked for over 1.5s (LOCK_TIMEOUT); try again later"
+    ]
     assert 1.4 < waited < 10
     assert influx.queries == []
 

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import TOKEN, utc
+from tests.conftest import TOKEN, error_lines, run_loader, utc
 from tests.influxdb_emulator import Fault
 from tests.synthetic import line_protocol
 
@@ -19,14 +19,7 @@ H10 = utc(2021, 7, 12, 10)
 
 
 def call(capsys, argv=(), now=H10 + timedelta(hours=1, minutes=5)):
-    code = hml.main(list(argv), now=now)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("health_metrics_loader: ")]
+    return run_loader(capsys, argv, now)
 
 
 def test_verify_calls_a_value_half_a_percent_off_changed(loader_env, influx, capsys, pg):

@@ -14,7 +14,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT, TOKEN, utc
+from tests.conftest import ROOT, TOKEN, ledger, utc
 from tests.pg_server import PASSWORD
 from tests.synthetic import expected_rows, line_protocol
 
@@ -93,7 +93,7 @@ def test_empty_hour_is_a_success(loader_env, influx, capsys, monkeypatch):
     assert code == 0, err
     assert re.fullmatch(r"\S+ INFO loaded 2021-07-12T14:00:00Z\.\.2021-07-12T15:00:00Z: 0 rows in \d+\.\d\ds\n", err), err
     assert len(stored(loader_env["PG_CONNECT"], columns="*")) == 720
-    assert ledger_rows(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=1): 720, H14: 0}
+    assert ledger(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=1): 720, H14: 0}
 
 
 def recorded_tables(url: str) -> dict:
@@ -103,12 +103,6 @@ def recorded_tables(url: str) -> dict:
         if not cursor.fetchone()[0]:
             return {}
         cursor.execute("SELECT target_table, aggregate_every FROM loader_tables")
-        return dict(cursor.fetchall())
-
-
-def ledger_rows(url: str) -> dict:
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT hour, rows FROM loaded_hours ORDER BY hour")
         return dict(cursor.fetchall())
 
 
@@ -124,13 +118,13 @@ def test_a_first_run_that_finds_nothing_records_nothing_and_says_where_it_looked
         "and public.pox_five_second_mean holds none yet: check INFLUX_MEASUREMENT and INFLUX_BUCKET; "
         "these hours are not recorded, so the next run asks again"
     ]
-    assert ledger_rows(loader_env["PG_CONNECT"]) == {}
+    assert ledger(loader_env["PG_CONNECT"]) == {}
     monkeypatch.setenv("INFLUX_MEASUREMENT", "spo2")  # the typo fixed: the whole catch-up span is asked again
     influx.queries.clear()
     code, _, err = run([], capsys)
     assert code == 0, err
     assert len(influx.queries) == 3
-    rows = ledger_rows(loader_env["PG_CONNECT"])
+    rows = ledger(loader_env["PG_CONNECT"])
     assert len(rows) == 72 and sum(rows.values()) == 3 * 720
     assert {hour: n for hour, n in rows.items() if n} == {H14 - timedelta(hours=h): 720 for h in (0, 1, 2)}
 
@@ -203,11 +197,18 @@ def test_bad_arguments_exit_2(loader_env, capsys, argv, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as caught:
-        hml.main(["--from", "2021-07-12T10"])
-    assert caught.value.code == 2
-    assert "--from and --to go together" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--from", "2021-07-12T10"], "--from and --to go together"),
+        (["--status", "--hour", "2021-07-12T10"], "--status takes no hours, --replace or --dry-run"),
+        (["--status", "--days", "0"], "--days must be from 1 to 366"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_argument_errors_are_one_line_and_exit_2(capsys, argv, line):
+    assert hml.main(argv) == 2
+    assert capsys.readouterr().err == f"health_metrics_loader: error: {line} (see --help)\n"
 
 
 def test_missing_settings_exit_2_and_are_all_named(monkeypatch, tmp_path, capsys):

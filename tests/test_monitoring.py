@@ -17,10 +17,10 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT, TOKEN, unavailable, utc
+from tests.conftest import ROOT, TOKEN, run_loader, unavailable, utc
 from tests.pg_server import PASSWORD, free_port
 from tests.synthetic import line_protocol
-from tests.test_main import ledger_rows
+from tests.test_catch_up import ledger
 
 H14 = utc(2021, 7, 12, 14)
 NOW = H14 + timedelta(hours=1, minutes=5)
@@ -28,10 +28,7 @@ SECRET_PATH = "ping/5f1c0a9e-secret-check-uuid"
 
 
 def call(capsys, argv=(), now=NOW):
-    code = hml.main(list(argv), now=now)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+    return run_loader(capsys, argv, now)
 
 
 def warnings(err: str) -> list[str]:
@@ -134,7 +131,7 @@ def test_a_receiver_that_never_answers_costs_seconds_not_the_run(hour14, capsys,
     assert code == 0 and spent < 15
     assert [w.split(" (")[0] for w in warnings(err)] == ["could not ping 127.0.0.1"]
     assert SECRET_PATH not in out + err
-    assert ledger_rows(hour14["PG_CONNECT"]) == {H14: 720}
+    assert ledger(hour14["PG_CONNECT"]) == {H14: 720}
 
 
 def test_a_receiver_that_refuses_connections_is_one_warning(hour14, capsys, monkeypatch):
@@ -291,10 +288,10 @@ def test_a_machine_clock_ahead_of_influxdb_s_records_no_hour_that_has_not_ended_
     assert warnings(err) == [
         "this machine's clock says 2021-07-12T15:05:00Z, InfluxDB's says 2021-07-12T12:05:00Z: hours are taken as complete by InfluxDB's clock"
     ]
-    assert sorted(ledger_rows(loader_env["PG_CONNECT"])) == [H14 - timedelta(hours=h) for h in (5, 4, 3)]  # 09, 10, 11
+    assert sorted(ledger(loader_env["PG_CONNECT"])) == [H14 - timedelta(hours=h) for h in (5, 4, 3)]  # 09, 10, 11
     influx.clock_offset = 0
     assert call(capsys)[0] == 0
-    assert ledger_rows(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=h): 720 for h in range(6)}
+    assert ledger(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=h): 720 for h in range(6)}
 
 
 def test_a_clock_behind_influxdb_s_only_delays_loading(hour14, influx, capsys):
@@ -302,4 +299,4 @@ def test_a_clock_behind_influxdb_s_only_delays_loading(hour14, influx, capsys):
     code, _, err = call(capsys)
     assert code == 0
     assert len(warnings(err)) == 1 and warnings(err)[0].endswith("the later one only delays loading")
-    assert ledger_rows(hour14["PG_CONNECT"]) == {H14: 720}
+    assert ledger(hour14["PG_CONNECT"]) == {H14: 720}

@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import utc
+from tests.conftest import run_loader, utc
 from tests.grafana_macros import expand, rfc3339nano
 from tests.synthetic import line_protocol
 
@@ -20,10 +20,7 @@ STEPS_MS = [1000, 7000, 45000, 60000, 120000, 300000, 420000, 1800000, 3600000, 
 
 
 def call(capsys, argv=(), now=DAY0 + timedelta(days=3, minutes=5)):
-    code = hml.main(list(argv), now=now)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+    return run_loader(capsys, argv, now)
 
 
 def fields_of(pg, table: str = "pox_five_second_mean") -> list[str]:

@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT, TOKEN, utc, with_database
+from tests.conftest import ROOT, TOKEN, error_lines, run_loader, utc, with_database
 from tests.influxdb_emulator import Fault
 from tests.pg_server import PASSWORD
 from tests.synthetic import expected_rows, line_protocol
@@ -28,14 +28,7 @@ H10, H12, H13 = utc(2021, 7, 12, 10), utc(2021, 7, 12, 12), utc(2021, 7, 12, 13)
 
 
 def call(capsys, argv=(), now=DAY0 + timedelta(hours=15, minutes=5)):
-    code = hml.main(list(argv), now=now)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("health_metrics_loader: ")]
+    return run_loader(capsys, argv, now)
 
 
 def count_rows(url: str, where: str = "true") -> int:
