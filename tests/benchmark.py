@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-blog", action="store_true", help="leave out the blog's pipeline (slow)")
     parser.add_argument("--blog-processes", type=int, default=24, metavar="N", help="hours to time as one blog process each (default 24)")
     parser.add_argument("--read-years", type=int, default=1, metavar="N", help="years of rows for the read side (0 leaves it out)")
+    parser.add_argument("--read-days", type=int, metavar="N", help="days of rows for the read side instead of years")
     args = parser.parse_args(argv)
 
     now = datetime.now(timezone.utc)
@@ -347,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     if real_row in results:
         print(f"influxd's own time for the {args.days} day queries, asked one after another: {server_time:.2f}s")
         print(f"{real_row} / (InfluxQL floor + influxd's own time): {results[real_row][0] / (ql_floor + server_time):.2f}x")
-    if args.read_years:
+    if args.read_years or args.read_days:
         from tests import benchmark_read
 
         print("\nThe read side: Grafana's panels over the archive", flush=True)
-        benchmark_read.main(["--years", str(args.read_years)])
+        benchmark_read.main(["--years", str(args.read_years), *(["--days", str(args.read_days)] if args.read_days else [])])
     return 0
 
 
