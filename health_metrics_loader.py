@@ -93,9 +93,10 @@ class SourceError(LoaderError):
 class TransientSourceError(SourceError):
     """A source failure that a later try may not meet: worth a retry."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, tries: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.tries = tries  # at most this many tries, where more would only make the run look hung
 
 
 class IncompleteAnswer(TransientSourceError):
@@ -1006,17 +1007,24 @@ def influxql_auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Token {token}"}
 
 
+REFUSED_TRIES = 3
+
+
 def unreachable(settings: Settings, exc: BaseException) -> SourceError:
     """A refused, reset, timed-out or cut-off connection (worth a retry), or a TLS failure (not)."""
-    from urllib3.exceptions import SSLError
+    from urllib3.exceptions import NewConnectionError, SSLError
 
     cause = exc
     while getattr(cause, "reason", None) is not None and isinstance(cause.reason, BaseException):
         cause = cause.reason
     if isinstance(cause, SSLError) or isinstance(exc, SSLError):
         return SourceError(f"InfluxDB could not be reached securely ({reason(exc)}): check CONNECTION and the server's certificate")
+    # A refused connection or an unknown host answers at once, and the same way for minutes:
+    # three tries tell a blip from a wrong port, and the next cron call tries again.
+    refused = isinstance(cause, NewConnectionError) or isinstance(exc, NewConnectionError)
     return TransientSourceError(
-        f"InfluxDB at {without_userinfo(settings.influx_url)} did not answer ({reason(exc)}): check CONNECTION and the network"
+        f"InfluxDB at {without_userinfo(settings.influx_url)} did not answer ({reason(exc)}): check CONNECTION and the network",
+        tries=REFUSED_TRIES if refused else None,
     )
 
 
@@ -1065,7 +1073,7 @@ class Retrier:
                     ) from None
                 if self.spent + delay > self.budget:
                     raise SourceError(f"{exc}; gave up after {tries} (RETRY_BUDGET {self.budget:g}s)") from None
-                if attempt + 1 >= self.max_tries:
+                if attempt + 1 >= min(self.max_tries, exc.tries or self.max_tries):
                     raise SourceError(f"{exc}; gave up after {tries}") from None
                 attempt += 1
                 with self.speaking:

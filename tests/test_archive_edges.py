@@ -400,3 +400,30 @@ def test_a_real_column_reads_back_as_equal(loader_env, influx, capsys, pg):
     assert code == 0, out
     code, _, err = call(capsys, ["--hour", "2021-07-12T10"])
     assert "loaded 2021-07-12T10:00:00Z..2021-07-12T11:00:00Z: 0 rows in" in err and "(1 hour already up to date)" in err
+
+
+def test_an_influxql_answer_with_rfc3339_times_reads_as_epoch_nanoseconds_would():
+    """A server that ignores epoch=ns sends RFC3339 strings: the same rows, not a traceback."""
+    import json
+
+    window = hml.Window(H10, H10 + timedelta(hours=1))
+    as_text = [["2021-07-12T10:00:00Z", 97, 70], ["2021-07-12T10:59:55.5Z", 98, None]]
+    as_epoch = [[1626084000000000000, 97, 70], [1626087595500000000, 98, None]]
+    frames = [
+        hml.clean(
+            hml.read_influxql_answer(
+                json.dumps(
+                    {
+                        "results": [
+                            {"statement_id": 0, "series": [{"name": "spo2", "columns": ["time", "mean_spo2", "mean_pulse"], "values": v}]}
+                        ]
+                    }
+                ).encode(),
+                5 * 10**9,
+                window,
+            )
+        )
+        for v in (as_text, as_epoch)
+    ]
+    assert frames[0].equals(frames[1])
+    assert [t.isoformat() for t in frames[0]["time"]] == ["2021-07-12T10:00:05+00:00", "2021-07-12T11:00:00+00:00"]

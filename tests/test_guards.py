@@ -140,3 +140,20 @@ def test_repair_dry_run_exits_like_verify(loader_env, influx, capsys, pg):
     with psycopg2.connect(loader_env["PG_CONNECT"]) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pox_five_second_mean")
         assert cursor.fetchone() == (719,)  # the dry run wrote nothing
+
+
+@pytest.mark.parametrize("language", ["flux", "influxql"])
+def test_a_refused_connection_fails_in_seconds_not_minutes(loader_env, capsys, monkeypatch, language):
+    """A wrong port answers at once, and the same way every time: three tries, not the whole budget."""
+    from tests.pg_server import free_port
+
+    monkeypatch.setenv("INFLUX_QUERY_LANGUAGE", language)
+    monkeypatch.setenv("CONNECTION", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    code, _, err = call(capsys, ["--hour", "2021-07-12T10"])
+    assert code == 1 and time.monotonic() - started < 15
+    assert [line.rsplit("; ", 1)[1] for line in err.splitlines() if " WARNING " in line] == [
+        line.rsplit("; ", 1)[1] for line in err.splitlines() if "; retry " in line
+    ]
+    assert len([line for line in err.splitlines() if "; retry " in line]) == 2
+    assert error_lines(err)[0].endswith("check CONNECTION and the network; gave up after 3 tries")
