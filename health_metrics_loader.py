@@ -1812,6 +1812,11 @@ def stored_per_hour(cursor, table: tuple[str, ...], window: Window) -> dict[date
     return {hour: found.get(hour, 0) for hour in window.hours()}
 
 
+def python_times(times: pd.Series) -> list[datetime]:
+    """Times as datetimes for psycopg2 (Series.dt.to_pydatetime is deprecated from pandas 2.1 on)."""
+    return [moment.to_pydatetime() for moment in times]
+
+
 def rewrite_hours(
     cursor,
     table: tuple[str, ...],
@@ -1836,9 +1841,9 @@ def rewrite_hours(
         cursor.execute(f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s", (part.start, part.stop))
     for hour in careful:
         if replace:  # everything but the held rows goes
-            times, keep = list(held[hour_of(held) == hour].dt.to_pydatetime()), "NOT "
+            times, keep = python_times(held[hour_of(held) == hour]), "NOT "
         else:
-            times, keep = list(frame["time"][hour_of_row == hour].dt.to_pydatetime()), ""
+            times, keep = python_times(frame["time"][hour_of_row == hour]), ""
         cursor.execute(
             f"DELETE FROM {qualified(table)} WHERE time > %s AND time <= %s AND {keep}time = ANY(%s::timestamptz[])",
             (hour, hour + HOUR, times),
