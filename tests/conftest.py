@@ -41,7 +41,9 @@ def pg_admin_url():
     if os.environ.get("TEST_DATABASE_URL"):
         yield os.environ["TEST_DATABASE_URL"]
         return
-    server = ThrowawayPostgres().start()
+    # A wait inside libpq cannot be interrupted by pytest-timeout's signal: the server ends any
+    # statement (a lock wait included) before the test's own time limit, so a hang fails its test.
+    server = ThrowawayPostgres(statement_timeout="110s").start()
     try:
         yield server.url
     finally:

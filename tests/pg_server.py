@@ -48,7 +48,9 @@ def free_port() -> int:
 
 
 class ThrowawayPostgres:
-    def __init__(self) -> None:
+    def __init__(self, **settings: str) -> None:
+        """`settings` become the server's defaults (`-c name=value`)."""
+        self.settings = settings
         self.dir = Path(tempfile.mkdtemp(prefix="hml-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -75,7 +77,7 @@ class ThrowawayPostgres:
         )  # fmt: skip
         options = (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self.run(find_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60", "-o", options, "start")
         stop = f"{find_bin('pg_ctl')} -D {self.data} -m immediate -w stop"
         watch_over(f"{'runuser -u postgres -- ' if self.as_root else ''}{stop}; rm -rf {self.dir}")
