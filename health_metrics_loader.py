@@ -1356,6 +1356,11 @@ def ledger_key(table: tuple[str, ...]) -> str:
     return ".".join(table)
 
 
+def ledger_keys(table: tuple[str, ...]) -> list[str]:
+    """The table's key in the ledger, and as older versions spelt it, until a run takes it over."""
+    return list(dict.fromkeys([ledger_key(table), table[-1]]))
+
+
 def resolve_table(connection, table: tuple[str, ...]) -> tuple[str, str]:
     """(schema, table) as PostgreSQL resolves PG_TABLE: `x` and `public.x` get one lock and one ledger."""
     if len(table) == 2:
@@ -1406,7 +1411,7 @@ def extract_ledger(connection, table: tuple[str, ...], since: datetime | None) -
             connection.rollback()
             return {}
         ledger = qualified(ledger_of(table))
-        keys = list(dict.fromkeys([ledger_key(table), table[-1]]))  # and as older versions spelt it, until a run takes it over
+        keys = ledger_keys(table)
         columns = table_columns(cursor, ledger_of(table))
         extra = ", ".join(c if c in columns else "NULL::timestamptz" for c in ("checked_at", "repaired_at"))
         if since is None:
@@ -2910,7 +2915,7 @@ def extract_first_hour(connection, table: tuple[str, ...]) -> datetime | None:
             return None
         cursor.execute(
             f"SELECT min(hour) FROM {qualified(ledger_of(table))} WHERE target_table = ANY(%s)",
-            (list(dict.fromkeys([ledger_key(table), table[-1]])),),
+            (ledger_keys(table),),
         )
         first = cursor.fetchone()[0]
     connection.rollback()

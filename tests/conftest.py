@@ -161,15 +161,27 @@ def influxd(influxd_server):
     influxd_server.drop_database("pulse_oximeter")
 
 
-def ledger(url: str) -> dict:
-    """hour -> rows recorded for the default table; empty if there is no ledger yet."""
+def pairs(url: str, table: str, sql: str) -> dict:
+    """The two columns of `sql` as a dict; empty while `table` does not exist yet."""
     with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('loaded_hours') IS NOT NULL")
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
         if not cursor.fetchone()[0]:
             return {}
         cursor.execute("SET TIME ZONE 'UTC'")
-        cursor.execute("SELECT hour, rows FROM loaded_hours WHERE target_table = 'public.pox_five_second_mean' ORDER BY hour")
+        cursor.execute(sql)
         return dict(cursor.fetchall())
+
+
+def ledger(url: str) -> dict:
+    """hour -> rows recorded for the default table; empty if there is no ledger yet."""
+    return pairs(
+        url, "loaded_hours", "SELECT hour, rows FROM loaded_hours WHERE target_table = 'public.pox_five_second_mean' ORDER BY hour"
+    )
+
+
+def recorded_tables(url: str) -> dict:
+    """The tables the loader has filled or checked, with their averaging window."""
+    return pairs(url, "loader_tables", "SELECT target_table, aggregate_every FROM loader_tables")
 
 
 def run_loader(capsys, argv, now: datetime) -> tuple[int, str, str]:

@@ -11,11 +11,10 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import TOKEN, error_lines, run_loader, utc
+from tests.conftest import TOKEN, error_lines, recorded_tables, run_loader, utc
 from tests.influxdb_emulator import Fault
 from tests.synthetic import expected_rows, line_protocol
 from tests.test_catch_up import ledger, start_loader
-from tests.test_main import recorded_tables
 
 H10 = utc(2021, 7, 12, 10)
 CUT = H10 + timedelta(minutes=30, seconds=2)  # inside the window 10:30:00..10:30:05, stamped 10:30:05

@@ -14,7 +14,7 @@ import psycopg2
 import pytest
 
 import health_metrics_loader as hml
-from tests.conftest import ROOT, TOKEN, ledger, utc
+from tests.conftest import ROOT, TOKEN, ledger, recorded_tables, utc
 from tests.pg_server import PASSWORD
 from tests.synthetic import expected_rows, line_protocol
 
@@ -94,16 +94,6 @@ def test_empty_hour_is_a_success(loader_env, influx, capsys, monkeypatch):
     assert re.fullmatch(r"\S+ INFO loaded 2021-07-12T14:00:00Z\.\.2021-07-12T15:00:00Z: 0 rows in \d+\.\d\ds\n", err), err
     assert len(stored(loader_env["PG_CONNECT"], columns="*")) == 720
     assert ledger(loader_env["PG_CONNECT"]) == {H14 - timedelta(hours=1): 720, H14: 0}
-
-
-def recorded_tables(url: str) -> dict:
-    """The tables the loader has filled or checked, with their averaging window."""
-    with psycopg2.connect(url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('loader_tables') IS NOT NULL")
-        if not cursor.fetchone()[0]:
-            return {}
-        cursor.execute("SELECT target_table, aggregate_every FROM loader_tables")
-        return dict(cursor.fetchall())
 
 
 def test_a_first_run_that_finds_nothing_records_nothing_and_says_where_it_looked(loader_env, influx, capsys, monkeypatch):
