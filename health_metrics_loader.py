@@ -28,14 +28,20 @@ none when empty):
     SETTLE_MINUTES      minutes after an hour ends before it counts as complete, default 2
     LOCK_TIMEOUT        seconds explicit runs wait for another run, default 300 (0: no wait)
     RETRY_BUDGET        seconds a run may spend waiting to retry InfluxDB, default 180
+    INFLUX_RETENTION_HOURS  how long InfluxDB keeps readings, default 720 (0: forever); stored
+                        rows InfluxDB may have begun to forget are never rewritten
+    PING_URL            a dead-man's switch (healthchecks.io's protocol), pinged after each load or check
+    METRICS_FILE        a Prometheus textfile for node_exporter, replaced after each run
 
 Every loaded hour is recorded in the table `loaded_hours` (same schema as PG_TABLE),
-in the same transaction as its rows. The cron call loads every complete hour of the
+in the same transaction as its rows, and so are the rollups `<table>_1m`, `_5m` and `_1h`
+behind the panel functions `<table>_series` and `<table>_stats` that Grafana reads. The cron call loads every complete hour of the
 last CATCH_UP_HOURS that is not recorded there, oldest first.
 
 Exit codes: 0 success (an hour without data included), 1 the run failed (or --verify
 found rows missing or changed), 2 bad arguments or settings. `--status` exits 1 when
-the newest loaded hour is more than two hours old.
+the newest loaded hour is more than two hours old, or when InfluxDB will forget an hour
+that is not loaded within 7 days.
 """
 
 from __future__ import annotations
