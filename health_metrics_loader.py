@@ -25,6 +25,7 @@ none when empty):
     QUERY_TIMEOUT       seconds to wait for InfluxDB's answer and each part of it, default 60
     CATCH_UP_HOURS      how far back the cron call fills missing hours, default 72 (max 720)
     RECHECK_HOURS       loaded hours the cron call compares again for late points, default 6
+                        (or CATCH_UP_HOURS, when that is less)
     SETTLE_MINUTES      minutes after an hour ends before it counts as complete, default 2
     LOCK_TIMEOUT        seconds explicit runs wait for another run, default 300 (0: no wait)
     RETRY_BUDGET        seconds a run may spend waiting to retry InfluxDB, default 180
@@ -136,7 +137,7 @@ DEFAULTS = {
     "SETTLE_MINUTES": "2",
     "LOCK_TIMEOUT": "300",
     "RETRY_BUDGET": "180",
-    "RECHECK_HOURS": "6",
+    "RECHECK_HOURS": "",  # empty: RECHECK_DEFAULT, or the whole catch-up span when that is shorter
     "INFLUX_QUERY_LANGUAGE": "flux",
     "INFLUX_RETENTION_POLICY": "",
     "INFLUX_RETENTION_HOURS": "720",
@@ -144,6 +145,7 @@ DEFAULTS = {
     "METRICS_FILE": "",
 }
 MAX_CATCH_UP_HOURS = 720  # InfluxDB Cloud's free plan keeps 30 days
+RECHECK_DEFAULT = 6
 RETENTION_MARGIN = timedelta(hours=1)
 MAX_LOCK_TIMEOUT = 2147483  # PostgreSQL's lock_timeout is an int of milliseconds
 MIN_TIMEOUT = 0.001  # below a millisecond, PostgreSQL and influxdb-client would read "no timeout"
@@ -262,12 +264,13 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     table = tuple(values["PG_TABLE"].split("."))
     if len(table) > 2 or not all(IDENTIFIER.fullmatch(part) for part in table):
         problems.append("PG_TABLE must be a table name or schema.table (letters, digits, _)")
+    if not values["RECHECK_HOURS"]:  # derived, so that a short CATCH_UP_HOURS needs no RECHECK_HOURS beside it
+        catch_up = number(values["CATCH_UP_HOURS"]) or RECHECK_DEFAULT
+        values["RECHECK_HOURS"] = str(int(min(RECHECK_DEFAULT, max(catch_up, 0))))
     numbers = {name: number(values[name]) for name in NUMBER_RULES}
     wrong = {name for name, (fits, _) in NUMBER_RULES.items() if numbers[name] is None or not fits(numbers[name])}
     problems += [f"{name} must be {what}" for name, (_, what) in NUMBER_RULES.items() if name in wrong]
     if not wrong & {"CATCH_UP_HOURS", "RECHECK_HOURS"}:  # the one against the other, once each is right on its own
-        if not get["RECHECK_HOURS"]:  # the default never exceeds a short catch-up span
-            numbers["RECHECK_HOURS"] = min(numbers["RECHECK_HOURS"], numbers["CATCH_UP_HOURS"])
         if numbers["RECHECK_HOURS"] > numbers["CATCH_UP_HOURS"]:
             problems.append("RECHECK_HOURS must be a whole number from 0 to CATCH_UP_HOURS")
     if problems:

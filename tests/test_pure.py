@@ -257,3 +257,12 @@ def test_env_example_names_every_setting_and_parses():
     assert set(example) == {*hml.REQUIRED, *hml.DEFAULTS}
     assert {k: example[k] for k in hml.DEFAULTS} == hml.DEFAULTS
     hml.settings_from_env({**example, "TOKEN": "t", "ORG": "o"})
+
+
+@pytest.mark.parametrize("catch_up, recheck", [("72", 6), ("5", 5), ("1", 1)])
+def test_a_copied_env_example_takes_a_short_catch_up_span(catch_up, recheck):
+    """A .env made from .env.example that lowers CATCH_UP_HOURS must not be refused for RECHECK_HOURS."""
+    from tests.conftest import ROOT
+
+    example = hml.read_env_files([ROOT / ".env.example"])
+    assert hml.settings_from_env({**example, "TOKEN": "t", "ORG": "o", "CATCH_UP_HOURS": catch_up}).recheck_hours == recheck
