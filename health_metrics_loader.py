@@ -839,7 +839,8 @@ def compare_hours(
     fields = sorted((set(answer.columns) | set(stored.columns)) - {"time"})
     ours, theirs = (f.reindex(columns=["time", *fields]).astype({"time": "datetime64[us, UTC]"}) for f in (answer, stored))
     repeated = theirs["time"].duplicated(keep=False)
-    copies = theirs.duplicated(keep="first") & repeated
+    # Hashing whole rows costs a load that re-reads a day; only a repeated time can have copies.
+    copies = theirs.duplicated(keep="first") & repeated if repeated.any() else repeated
     distinct = theirs[~copies]
     conflicting = distinct["time"][distinct["time"].duplicated(keep=False)].drop_duplicates()
     side = "\0side"  # a name no column can take
@@ -2595,7 +2596,8 @@ def load_windows(
 
     def prepare(window: Window) -> Chunk | None:
         frame = extract_frame(source, window, retrier)
-        return until_hour(prepare_chunk(frame, window), influx_latest_hour(source, settings, now, clock_notes))
+        kept = until_hour(frame, window, influx_latest_hour(source, settings, now, clock_notes))
+        return prepare_chunk(*kept) if kept else None
 
     def load(chunk: Chunk | None, started: float) -> None:
         nonlocal asked_for_types, filled
@@ -2663,14 +2665,13 @@ def load_windows(
 FIELDS_RECHECK = timedelta(days=1)
 
 
-def until_hour(chunk: Chunk, latest: datetime | None) -> Chunk | None:
-    """The chunk without the hours after `latest` (None: all of it); None if nothing is left."""
-    if latest is None or chunk.window.stop - HOUR <= latest:
-        return chunk
-    if chunk.window.start > latest:
+def until_hour(frame: pd.DataFrame, window: Window, latest: datetime | None) -> tuple[pd.DataFrame, Window] | None:
+    """The rows and window without the hours after `latest` (None: all of them); None if nothing is left."""
+    if latest is None or window.stop - HOUR <= latest:
+        return frame, window
+    if window.start > latest:
         return None
-    frame = chunk.frame[chunk.frame["time"] <= latest + HOUR].reset_index(drop=True)
-    return prepare_chunk(frame, Window(chunk.window.start, latest + HOUR))
+    return frame[frame["time"] <= latest + HOUR].reset_index(drop=True), Window(window.start, latest + HOUR)
 
 
 def warn_of_nothing_found(settings: Settings, table: tuple[str, ...], hours: Sequence[datetime]) -> None:
